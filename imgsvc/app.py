@@ -1,0 +1,183 @@
+"""The one place that builds everything: settings -> database, store, pools, caches -> routes and middleware."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from imgsvc import endpoints, pipeline
+from imgsvc.auth import NoAuth, Verifier
+from imgsvc.catalog import Catalog
+from imgsvc.config import ConfigError, Settings
+from imgsvc.embedded import EmbeddedPostgres
+from imgsvc.errors import ImgsvcError
+from imgsvc.headers import SECURITY, error_cache_control
+from imgsvc.render import Renderer
+from imgsvc.spec import PresetItems, SpecLimits, parse_presets
+from imgsvc.storage import BlobStore, open_store
+from imgsvc.upload import Ingest
+from imgsvc.workers import WorkerPool
+
+log = logging.getLogger("imgsvc")
+
+
+@dataclass(slots=True)
+class Services:
+    """What the handlers reach through `request.app.state.services`."""
+
+    settings: Settings
+    catalog: Catalog
+    store: BlobStore
+    verifier: Verifier
+    renderer: Renderer
+    ingest: Ingest
+    spec_limits: SpecLimits
+    presets: dict[str, PresetItems] = field(default_factory=dict)
+    draining: bool = False
+
+
+def load_presets(settings: Settings) -> dict[str, PresetItems]:
+    try:
+        return parse_presets(settings.presets)
+    except ValueError as exc:
+        raise ConfigError([f"IMGSVC_PRESETS: {exc}"]) from None
+
+
+def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
+    return pipeline.PipelineLimits(
+        max_pixels=settings.max_pixels, max_frames=settings.max_frames, timeout_seconds=settings.render_timeout
+    )
+
+
+@contextlib.asynccontextmanager
+async def build_services(settings: Settings) -> AsyncIterator[Services]:
+    """Start every dependency in order and stop them in reverse, whatever happens in between."""
+    presets = load_presets(settings)
+    version = pipeline.configure_libvips()
+    log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = settings.database_url
+        if dsn is None:
+            embedded = EmbeddedPostgres(settings.data_dir)
+            dsn = await anyio.to_thread.run_sync(embedded.start)
+            stack.push_async_callback(anyio.to_thread.run_sync, embedded.stop)
+        catalog = await Catalog.connect(dsn)
+        stack.push_async_callback(catalog.close)
+        await catalog.migrate()
+        store = await open_store(settings.effective_storage_url)
+        stack.push_async_callback(store.close)
+        verifier: Verifier = NoAuth()
+        stack.push_async_callback(verifier.close)
+        pool = WorkerPool(settings.workers, settings.render_queue)
+        limits = pipeline_limits(settings)
+        renderer = Renderer(
+            catalog=catalog,
+            store=store,
+            pool=pool,
+            limits=limits,
+            max_original_bytes=settings.max_upload_bytes,
+            variant_cache_bytes=settings.cache_bytes,
+            original_cache_bytes=settings.originals_cache_bytes,
+        )
+        yield Services(
+            settings=settings,
+            catalog=catalog,
+            store=store,
+            verifier=verifier,
+            renderer=renderer,
+            ingest=Ingest(catalog, store, pool, limits),
+            spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
+            presets=presets,
+        )
+
+
+async def handle_error(request: Request, exc: Exception) -> Response:
+    render_route = request.url.path.startswith("/img/")
+    if isinstance(exc, ImgsvcError):
+        error = exc
+    elif isinstance(exc, HTTPException):
+        error = ImgsvcError(exc.detail, headers=exc.headers)
+        error.status, error.slug, error.title = exc.status_code, _HTTP_SLUGS.get(exc.status_code, "http-error"), ""
+        error.title = error.slug.replace("-", " ").capitalize()
+    else:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = ImgsvcError("the server failed to handle this request")
+    headers = {**error.headers, "Cache-Control": error_cache_control(error.status, render_route=render_route)}
+    return JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
+
+
+_HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed"}
+
+
+class RequestContext:
+    """Pure ASGI middleware: an `X-Request-ID` on every response (the caller's, or a new one) and `nosniff`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _header(scope, b"x-request-id")
+        if not request_id or len(request_id) > 128 or not request_id.isascii():
+            request_id = uuid.uuid4().hex
+
+        async def send_with_context(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    headers.append((b"x-content-type-options", SECURITY["X-Content-Type-Options"].encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_context)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with build_services(settings) as svc:
+            app.state.services = svc
+            log.info("imgsvc ready on %s", settings.effective_public_url)
+            yield
+            svc.draining = True
+
+    routes = [
+        Route("/images", endpoints.upload_image, methods=["POST"]),
+        Route("/images", endpoints.list_images, methods=["GET"]),
+        Route("/images/{id}", endpoints.get_image, methods=["GET"]),
+        Route("/images/{id}", endpoints.delete_image, methods=["DELETE"]),
+        Route("/images/{id}/original", endpoints.get_original, methods=["GET"]),
+        Route("/img/{id}", endpoints.render_image, methods=["GET", "HEAD"]),
+        Route("/livez", endpoints.livez, methods=["GET"]),
+        Route("/readyz", endpoints.readyz, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={Exception: handle_error, HTTPException: handle_error, ImgsvcError: handle_error},
+    )
+    app.add_middleware(RequestContext)
+    return app

@@ -1,0 +1,182 @@
+"""The image catalog in Postgres through asyncpg: records, keyset listing, soft delete, migrations."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Literal
+
+import asyncpg
+
+from imgsvc.errors import InvalidParameter
+
+log = logging.getLogger("imgsvc.catalog")
+Visibility = Literal["public", "private"]
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_MIGRATION_LOCK = 0x696D6773  # advisory lock id ("imgs"): one replica migrates at a time
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    id: str
+    sha256: str
+    owner: str
+    category: str
+    visibility: Visibility
+    format: str
+    width: int
+    height: int
+    bytes: int
+    frames: int
+    has_alpha: bool
+    original_filename: str | None
+    created_at: datetime
+    deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[ImageRecord]
+    next_cursor: str | None
+
+
+def new_image_id() -> str:
+    """128 random bits, URL-safe: unguessable, so a URL is no hint to any other image."""
+    return secrets.token_urlsafe(16)
+
+
+def is_image_id(text: str) -> bool:
+    return bool(ID_PATTERN.match(text))
+
+
+_COLUMNS = (
+    "id, sha256, owner, category, visibility, format, width, height, bytes, frames, has_alpha, "
+    "original_filename, created_at, deleted_at"
+)
+
+
+def _record(row: asyncpg.Record) -> ImageRecord:
+    return ImageRecord(**dict(row))
+
+
+def encode_cursor(record: ImageRecord) -> str:
+    raw = json.dumps([record.created_at.isoformat(), record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, image_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(image_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidParameter("cursor is not one this service issued", param="cursor") from exc
+
+
+class Catalog:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Catalog:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=30)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def check(self) -> None:
+        await self.pool.fetchval("SELECT 1", timeout=2)
+
+    async def migrate(self) -> list[str]:
+        """Apply the SQL files of `imgsvc/migrations` not applied yet, each in its own transaction."""
+        applied: list[str] = []
+        files = sorted(
+            (f for f in resources.files("imgsvc.migrations").iterdir() if f.name.endswith(".sql")),
+            key=lambda f: f.name,
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for file in files:
+                version = file.name.removesuffix(".sql")
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(file.read_text())
+                    await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                applied.append(version)
+                log.info("applied migration %s", version)
+        return applied
+
+    async def insert_or_existing(self, record: ImageRecord) -> tuple[ImageRecord, bool]:
+        """Insert a new image, or return the owner's live image of the same bytes (created=False)."""
+        row = await self.pool.fetchrow(
+            f"""INSERT INTO images (id, sha256, owner, category, visibility, format, width, height, bytes,
+                                    frames, has_alpha, original_filename)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                ON CONFLICT (owner, sha256) WHERE deleted_at IS NULL DO NOTHING
+                RETURNING {_COLUMNS}""",
+            record.id, record.sha256, record.owner, record.category, record.visibility, record.format,
+            record.width, record.height, record.bytes, record.frames, record.has_alpha, record.original_filename,
+        )  # fmt: skip
+        if row is not None:
+            return _record(row), True
+        existing = await self.find_live_by_sha256(record.owner, record.sha256)
+        if existing is None:  # the conflicting row was deleted in between: try again once
+            return await self.insert_or_existing(record)
+        return existing, False
+
+    async def find_live_by_sha256(self, owner: str, sha256: str) -> ImageRecord | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM images WHERE owner = $1 AND sha256 = $2 AND deleted_at IS NULL", owner, sha256
+        )
+        return _record(row) if row else None
+
+    async def get(self, image_id: str) -> ImageRecord | None:
+        """The live image with this id, or None (unknown, malformed or deleted ids alike)."""
+        if not is_image_id(image_id):
+            return None
+        row = await self.pool.fetchrow(
+            f"SELECT {_COLUMNS} FROM images WHERE id = $1 AND deleted_at IS NULL", image_id
+        )
+        return _record(row) if row else None
+
+    async def list(self, owner: str, *, category: str | None, limit: int, cursor: str | None) -> Page:
+        args: list[object] = [owner]
+        where = ["owner = $1", "deleted_at IS NULL"]
+        if category is not None:
+            args.append(category)
+            where.append(f"category = ${len(args)}")
+        if cursor is not None:
+            created_at, last_id = decode_cursor(cursor)
+            args.extend([created_at, last_id])
+            where.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit + 1)
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS} FROM images WHERE {' AND '.join(where)} "
+            f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
+            *args,
+        )
+        items = [_record(r) for r in rows[:limit]]
+        next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
+        return Page(items, next_cursor)
+
+    async def soft_delete(self, image_id: str) -> ImageRecord | None:
+        if not is_image_id(image_id):
+            return None
+        row = await self.pool.fetchrow(
+            f"UPDATE images SET deleted_at = clock_timestamp() WHERE id = $1 AND deleted_at IS NULL "
+            f"RETURNING {_COLUMNS}",
+            image_id,
+        )
+        return _record(row) if row else None

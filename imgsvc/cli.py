@@ -1,0 +1,68 @@
+"""The `imgsvc` command: serve, migrate, config --check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from imgsvc.config import ConfigError, Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgsvc", description="imgsvc: store originals once, render any variant.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP service (embedded Postgres unless IMGSVC_DATABASE_URL is set)")
+    commands.add_parser("migrate", help="apply pending database migrations and exit")
+    config = commands.add_parser("config", help="show the effective settings")
+    config.add_argument("--check", action="store_true", help="validate every setting; exit 1 on any error")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.command == "config":
+            return show_config(settings)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.command == "migrate":
+            return asyncio.run(migrate(settings))
+        return serve(settings)
+    except ConfigError as exc:
+        print(f"imgsvc: {exc}", file=sys.stderr)
+        return 2
+
+
+def show_config(settings: Settings) -> int:
+    from imgsvc.app import load_presets
+
+    load_presets(settings)
+    rows = settings.describe()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, help_text in rows:
+        print(f"{name:<{width}}  {value}\n{'':<{width}}  # {help_text}")
+    return 0
+
+
+async def migrate(settings: Settings) -> int:
+    from imgsvc.app import build_services
+
+    async with build_services(settings) as svc:  # building applies the migrations
+        print(f"database at schema {await svc.catalog.pool.fetchval('SELECT max(version) FROM schema_migrations')}")
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from imgsvc.app import create_app
+
+    print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=20,
+    )
+    return 0

@@ -1,0 +1,228 @@
+"""Settings: one frozen object read from `IMGSVC_*` environment variables.
+
+Every field documents itself (variable, default, help); all errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+AuthMode = Literal["none"]  # delegated verification (introspect, jwks) arrives with the auth work
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+DEFAULT_WIDTHS = (16, 32, 48, 64, 96, 128, 256, 384, 640, 750, 828, 1080, 1200, 1920, 2048, 3840)
+DEFAULT_PRESETS = "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024"
+MiB = 1024 * 1024
+
+
+def _setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, "secret": secret})
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text.strip().replace("_", ""))
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high if high is not None else 'any'}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _widths(text: str) -> tuple[int, ...] | None:
+    if text.strip() == "*":
+        return None
+    values = tuple(sorted({_int(1, 100_000)(part) for part in text.split(",") if part.strip()}))
+    if not values:
+        raise ValueError("needs at least one width, or * for any")
+    return values
+
+
+def _storage_url(text: str) -> str:
+    if not text.startswith(("file://", "s3://", "postgres:")):
+        raise ValueError(f"expected file:///path, s3://bucket/prefix or postgres:, got {text!r}")
+    return text
+
+
+def _database_url(text: str) -> str:
+    if not text.startswith(("postgres://", "postgresql://")):
+        raise ValueError("expected a postgresql:// DSN")
+    return text
+
+
+def _public_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// base URL")
+    return text.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Bind address of the HTTP server.")
+    port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535))
+    data_dir: Path = _setting(
+        Path("./imgsvc-data"), "Where the embedded defaults keep their state (Postgres, blobs).", parse=Path
+    )
+    database_url: str | None = _setting(
+        None, "Postgres DSN; unset starts a private embedded Postgres in the data dir.", parse=_database_url,
+        secret=True,
+    )
+    storage_url: str | None = _setting(
+        None, "Blob store: file:///path, s3://bucket/prefix or postgres:; unset means file://<data dir>/blobs.",
+        parse=_storage_url,
+    )
+    public_url: str | None = _setting(
+        None, "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.", parse=_public_url
+    )
+    auth: AuthMode = _setting(
+        "none",
+        "Token verification: none (every caller is 'anonymous'; loopback only).",
+        parse=_choice(get_args(AuthMode)),
+    )
+    unsigned_widths: tuple[int, ...] | None = _setting(
+        DEFAULT_WIDTHS, "Widths an unsigned URL may ask for, comma-separated; * allows any within limits.",
+        parse=_widths,
+    )
+    workers: int = _setting(os.cpu_count() or 1, "Render worker threads (concurrent renders).", parse=_int(1, 256))
+    render_queue: int = _setting(
+        64, "Renders that may wait for a worker; beyond this a render is refused with 503.", parse=_int(0, 100_000)
+    )
+    render_timeout: float = _setting(10.0, "Deadline of one render in seconds.", parse=_float(0.1, 600))
+    cache_bytes: int = _setting(256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0))
+    originals_cache_bytes: int = _setting(
+        64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0)
+    )
+    max_upload_bytes: int = _setting(25_000_000, "Largest accepted upload body in bytes.", parse=_int(1))
+    max_pixels: int = _setting(
+        50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1)
+    )
+    max_frames: int = _setting(100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000))
+    max_output_dim: int = _setting(8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535))
+    presets: str = _setting(DEFAULT_PRESETS, "Named render presets as name:query;name:query.")
+    log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
+
+    @property
+    def effective_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    @property
+    def effective_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every `IMGSVC_*` variable; raise ConfigError listing all problems at once."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        known = {env_name(f.name) for f in fields(cls)}
+        for name in sorted(k for k in environ if k.startswith("IMGSVC_") and k not in known):
+            problems.append(f"{name}: unknown setting")
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None or raw == "":
+                continue
+            parse = f.metadata["parse"] or str
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                problems.append(f"{env_name(f.name)}: {exc}")
+        if not problems:
+            settings = cls(**values)
+            problems.extend(settings.check())
+            if not problems:
+                return settings
+        raise ConfigError(problems)
+
+    def check(self) -> list[str]:
+        """Cross-field rules that no single variable can enforce."""
+        problems = []
+        if self.auth == "none" and not is_loopback(self.host):
+            problems.append("IMGSVC_AUTH: 'none' is only allowed when IMGSVC_HOST is a loopback address")
+        return problems
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value with secrets masked, help) for every setting."""
+        rows = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = _mask(str(value)) if f.metadata["secret"] and value else _show(value)
+            rows.append((env_name(f.name), shown, f.metadata["help"]))
+        return rows
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+def env_name(field_name: str) -> str:
+    return "IMGSVC_" + field_name.upper()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def _mask(secret: str) -> str:
+    """Hide a DSN's password but keep the rest, which operators need to see; hide other secrets whole."""
+    scheme, sep, rest = secret.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at:
+        return f"{scheme}://{userinfo.partition(':')[0]}:****@{host}"
+    return "****"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "(none)"
+    return str(value)

@@ -1,0 +1,218 @@
+"""Thin HTTP handlers: parse the request, call the flow, shape the response."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from imgsvc import pipeline
+from imgsvc.auth import Principal, authenticate, authorize
+from imgsvc.catalog import ImageRecord
+from imgsvc.errors import Forbidden, InvalidParameter, NotFound
+from imgsvc.headers import NO_STORE, SECURITY, render_headers
+from imgsvc.spec import parse_query
+from imgsvc.upload import read_body, upload_options
+
+if TYPE_CHECKING:
+    from imgsvc.app import Services
+
+API_CACHE_CONTROL = "private, no-cache"
+SOURCE_MEDIA_TYPES = {
+    "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
+    "avif": "image/avif", "heif": "image/heif", "tiff": "image/tiff",
+}  # fmt: skip
+MAX_LIST_LIMIT = 100
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(payload, status, headers={"Cache-Control": API_CACHE_CONTROL, **(headers or {})})
+
+
+async def _principal(request: Request) -> Principal:
+    principal = await authenticate(request, services(request).verifier, required=True)
+    assert principal is not None
+    return principal
+
+
+def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
+    svc = services(request)
+    base = f"{svc.settings.effective_public_url}/img/{image.id}"
+    widths = [w for w in (svc.settings.unsigned_widths or ()) if w <= image.width] or [image.width]
+    return {
+        "id": image.id,
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "bytes": image.bytes,
+        "frames": image.frames,
+        "has_alpha": image.has_alpha,
+        "sha256": image.sha256,
+        "category": image.category,
+        "visibility": image.visibility,
+        "original_filename": image.original_filename,
+        "created_at": image.created_at.isoformat(),
+        "urls": {
+            "self": f"{svc.settings.effective_public_url}/images/{image.id}",
+            "original": f"{svc.settings.effective_public_url}/images/{image.id}/original",
+            "render": base,
+            **{name: f"{base}?p={name}" for name in svc.presets},
+        },
+        "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths),
+    }
+
+
+async def upload_image(request: Request) -> Response:
+    svc = services(request)
+    principal = await _principal(request)
+    authorize(principal, "images:write")
+    body = await read_body(
+        request.headers.get("content-type", ""),
+        request.headers.get("content-length"),
+        request.stream(),
+        svc.settings.max_upload_bytes,
+    )
+    options = upload_options({**dict(request.query_params), **body.fields})
+    image, created = await svc.ingest.ingest(body, principal.subject, options)
+    payload = image_json(request, image)
+    return _json(payload, 201 if created else 200, {"Location": payload["urls"]["self"]})
+
+
+async def get_image(request: Request) -> Response:
+    principal = await _principal(request)
+    authorize(principal, "images:read")
+    image = await _owned_image(request, principal)
+    return _json(image_json(request, image))
+
+
+async def list_images(request: Request) -> Response:
+    svc = services(request)
+    principal = await _principal(request)
+    authorize(principal, "images:read")
+    params = _single_params(request, {"owner", "category", "limit", "cursor"})
+    owner = params.get("owner", "me")
+    if owner != "me" and owner != principal.subject:
+        authorize(principal, "images:admin")
+    limit_text = params.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST_LIMIT:
+        raise InvalidParameter(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
+    page = await svc.catalog.list(
+        principal.subject if owner == "me" else owner,
+        category=params.get("category"),
+        limit=int(limit_text),
+        cursor=params.get("cursor"),
+    )
+    return _json({"items": [image_json(request, i) for i in page.items], "next_cursor": page.next_cursor})
+
+
+async def get_original(request: Request) -> Response:
+    svc = services(request)
+    principal = await _principal(request)
+    authorize(principal, "images:read")
+    image = await _owned_image(request, principal)
+    data = await svc.renderer.fetch_original(image)
+    extension = {"jpeg": "jpg", "heif": "heic"}.get(image.format, image.format)
+    filename = image.original_filename or f"{image.id}.{extension}"
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return Response(
+        data,
+        media_type=SOURCE_MEDIA_TYPES.get(image.format, "application/octet-stream"),
+        headers={
+            "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}",
+            "Cache-Control": "private, no-store",
+            **SECURITY,
+        },
+    )
+
+
+async def delete_image(request: Request) -> Response:
+    svc = services(request)
+    principal = await _principal(request)
+    image = await _owned_image(request, principal)
+    authorize(principal, "images:write", image)
+    deleted = await svc.catalog.soft_delete(image.id)
+    if deleted is None:
+        raise NotFound(f"no image {image.id!r}")
+    svc.renderer.forget(deleted)
+    return Response(status_code=204, headers={"Cache-Control": NO_STORE})
+
+
+async def render_image(request: Request) -> Response:
+    svc = services(request)
+    query = parse_query(parse_qsl(request.url.query, keep_blank_values=True), svc.spec_limits)
+    principal = await authenticate(request, svc.verifier, required=False)
+    variant = await svc.renderer.render(
+        request.path_params["id"],
+        query,
+        accept=request.headers.get("accept"),
+        principal=principal,
+        if_none_match=request.headers.get("if-none-match"),
+    )
+    headers = render_headers(
+        etag=variant.etag,
+        media_type=pipeline.MEDIA_TYPES[variant.format],
+        public=variant.image.visibility == "public",
+        vary_accept=variant.vary_accept,
+        filename=variant.filename,
+        cache_status=variant.cache_status,
+    )
+    if variant.data is None:
+        headers.pop("Content-Type")
+        headers.pop("Content-Disposition")
+        return Response(status_code=304, headers=headers)
+    media_type = headers.pop("Content-Type")
+    if request.method == "HEAD":
+        return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
+    return Response(variant.data, media_type=media_type, headers=headers)
+
+
+async def livez(request: Request) -> Response:
+    return JSONResponse({"status": "ok"}, headers={"Cache-Control": NO_STORE})
+
+
+async def readyz(request: Request) -> Response:
+    svc = services(request)
+    checks: dict[str, str] = {}
+    for name, check in (("database", svc.catalog.check), ("storage", svc.store.check)):
+        try:
+            await check()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"failing: {type(exc).__name__}"
+    if svc.draining:
+        checks["draining"] = "yes"
+    ready = all(v == "ok" for v in checks.values())
+    return Response(
+        json.dumps({"status": "ready" if ready else "not ready", "checks": checks}),
+        status_code=200 if ready else 503,
+        media_type="application/json",
+        headers={"Cache-Control": NO_STORE},
+    )
+
+
+async def _owned_image(request: Request, principal: Principal) -> ImageRecord:
+    image = await services(request).catalog.get(request.path_params["id"])
+    if image is None:
+        raise NotFound(f"no image {request.path_params['id']!r}")
+    if image.owner != principal.subject and "images:admin" not in principal.scopes:
+        raise Forbidden("this image belongs to someone else")
+    return image
+
+
+def _single_params(request: Request, allowed: set[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in allowed:
+            raise InvalidParameter(f"unknown parameter {key!r}", param=key)
+        if key in params:
+            raise InvalidParameter(f"parameter {key!r} given twice", param=key)
+        params[key] = value
+    return params
+

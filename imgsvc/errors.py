@@ -1,0 +1,95 @@
+"""One exception hierarchy for everything a client can be told.
+
+Each class carries its HTTP status and a stable RFC 9457 problem type; only the
+handler in `app.py` turns them into `application/problem+json` responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+PROBLEM_BASE = "/problems/"
+
+
+class ImgsvcError(Exception):
+    """Base of every error a client may see; the message is the problem's `detail`."""
+
+    status: int = 500
+    slug: str = "internal-error"
+    title: str = "Internal error"
+
+    def __init__(self, detail: str, *, param: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def type(self) -> str:
+        return PROBLEM_BASE + self.slug
+
+    def problem(self) -> dict[str, object]:
+        body: dict[str, object] = {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        if self.param is not None:
+            body["param"] = self.param
+        return body
+
+
+class InvalidParameter(ImgsvcError):
+    status, slug, title = 400, "invalid-parameter", "Invalid parameter"
+
+
+class BadRequest(ImgsvcError):
+    status, slug, title = 400, "bad-request", "Bad request"
+
+
+class Unauthorized(ImgsvcError):
+    status, slug, title = 401, "unauthorized", "Authentication required"
+
+
+class Forbidden(ImgsvcError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(ImgsvcError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class PayloadTooLarge(ImgsvcError):
+    status, slug, title = 413, "payload-too-large", "Upload too large"
+
+
+class UnsupportedFormat(ImgsvcError):
+    status, slug, title = 415, "unsupported-format", "Unsupported image format"
+
+
+class UndecodableImage(ImgsvcError):
+    status, slug, title = 422, "undecodable-image", "Image cannot be decoded"
+
+
+class ImageTooLarge(ImgsvcError):
+    status, slug, title = 422, "image-too-large", "Image exceeds the pixel limit"
+
+
+class TooManyFrames(ImgsvcError):
+    status, slug, title = 422, "too-many-frames", "Image has too many frames"
+
+
+class RateLimited(ImgsvcError):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+
+class Overloaded(ImgsvcError):
+    status, slug, title = 503, "overloaded", "Render capacity exhausted"
+
+
+class RenderTimeout(ImgsvcError):
+    status, slug, title = 503, "render-timeout", "Render exceeded its deadline"
+
+
+class DependencyUnavailable(ImgsvcError):
+    status, slug, title = 503, "dependency-unavailable", "A backing service is unavailable"
+
+
+class BlobNotFound(Exception):
+    """Raised by storage backends; never shown to clients as such."""

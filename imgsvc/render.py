@@ -1,0 +1,134 @@
+"""The render flow in one place: lookup -> authorize -> key -> 304 / cache / single-flight -> fetch -> pipeline.
+
+Everything that decides the response bytes is known before any pixel work, so a
+matching `If-None-Match` is answered without touching storage or libvips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from imgsvc import pipeline
+from imgsvc.auth import Principal, may_view
+from imgsvc.cache import ByteLRU, SingleFlight
+from imgsvc.catalog import Catalog, ImageRecord
+from imgsvc.errors import BlobNotFound, Forbidden, NotFound, Unauthorized
+from imgsvc.headers import CacheStatus, etag_matches, render_etag
+from imgsvc.spec import OutputFormat, ParsedQuery, accept_token, choose_output_format, varies_on_accept
+from imgsvc.storage import BlobStore, blob_key
+from imgsvc.workers import WorkerPool
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    image: ImageRecord
+    format: OutputFormat
+    etag: str
+    vary_accept: bool
+    data: bytes | None  # None: the client's copy is current (304)
+    cache_status: CacheStatus | None
+
+    @property
+    def filename(self) -> str:
+        return f"{self.image.id}.{'jpg' if self.format == 'jpeg' else self.format}"
+
+
+class Renderer:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        store: BlobStore,
+        pool: WorkerPool,
+        limits: pipeline.PipelineLimits,
+        max_original_bytes: int,
+        variant_cache_bytes: int,
+        original_cache_bytes: int,
+        record_ttl: float = 30.0,
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.pool = pool
+        self.limits = limits
+        self.max_original_bytes = max_original_bytes
+        self.variants: ByteLRU[str, bytes] = ByteLRU(variant_cache_bytes, len)
+        self.originals: ByteLRU[str, bytes] = ByteLRU(original_cache_bytes, len)
+        self.records: TTLCache[str, ImageRecord] = TTLCache(maxsize=50_000, ttl=record_ttl)
+        self._renders: SingleFlight[str, bytes] = SingleFlight()
+        self._fetches: SingleFlight[str, bytes] = SingleFlight()
+        self.renders_started = 0
+
+    async def lookup(self, image_id: str) -> ImageRecord:
+        image = self.records.get(image_id)
+        if image is None:
+            image = await self.catalog.get(image_id)
+            if image is None:
+                raise NotFound(f"no image {image_id!r}")
+            self.records[image_id] = image
+        return image
+
+    def forget(self, image: ImageRecord) -> None:
+        """Evict everything held for a deleted image."""
+        self.records.pop(image.id, None)
+        self.variants.evict_group(image.id)
+        self.originals.evict_group(image.id)
+
+    async def render(
+        self,
+        image_id: str,
+        query: ParsedQuery,
+        *,
+        accept: str | None,
+        principal: Principal | None,
+        if_none_match: str | None,
+    ) -> Variant:
+        image = await self.lookup(image_id)
+        if not may_view(principal, image):
+            if principal is None:
+                raise Unauthorized("this image is private", headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'})
+            raise Forbidden("this image is private")
+        spec = query.spec
+        vary = varies_on_accept(spec)
+        fmt = choose_output_format(
+            spec.format, accept_token(accept) if vary else "legacy", image.format, image.has_alpha, image.frames > 1
+        )  # type: ignore[arg-type]
+        etag = render_etag(image.sha256, spec.render_key(), fmt, pipeline.PIPELINE_VERSION)
+        variant = Variant(image, fmt, etag, vary, None, None)
+        if etag_matches(if_none_match, etag):
+            return variant
+        key = f"{image.sha256}|{spec.render_key()}|{fmt}"
+        data = self.variants.get(key)
+        if data is not None:
+            return _with(variant, data, "hit")
+
+        async def produce() -> bytes:
+            original = await self.fetch_original(image)
+            self.renders_started += 1
+            rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
+            self.variants.put(key, rendered.data, group=image.id)
+            return rendered.data
+
+        data, _ = await self._renders.run(key, produce)
+        return _with(variant, data, "miss")
+
+    async def fetch_original(self, image: ImageRecord) -> bytes:
+        data = self.originals.get(image.sha256)
+        if data is not None:
+            return data
+
+        async def produce() -> bytes:
+            try:
+                original = await self.store.get(blob_key(image.sha256), self.max_original_bytes)
+            except BlobNotFound:
+                raise NotFound(f"the original of image {image.id!r} is missing from storage") from None
+            self.originals.put(image.sha256, original, group=image.id)
+            return original
+
+        data, _ = await self._fetches.run(image.sha256, produce)
+        return data
+
+
+def _with(variant: Variant, data: bytes, status: CacheStatus) -> Variant:
+    return Variant(variant.image, variant.format, variant.etag, variant.vary_accept, data, status)

@@ -1,0 +1,58 @@
+"""Blob storage: the small interface every backend implements, and `open_store` by URL.
+
+Keys are content addresses (`sha256/<aa>/<bb>/<hex>`); a blob never changes once written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from imgsvc.errors import PayloadTooLarge
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+
+
+class BlobStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None:
+        """Store durably; idempotent, since equal keys always mean equal bytes."""
+
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        """The blob's bytes; BlobNotFound if absent, PayloadTooLarge past max_bytes."""
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob; absent blobs are not an error."""
+
+    async def check(self) -> None:
+        """Raise if the store cannot be reached (readiness)."""
+
+    async def close(self) -> None: ...
+
+
+def blob_key(sha256_hex: str) -> str:
+    if not _SHA256.match(sha256_hex):
+        raise ValueError("not a sha256 hex digest")
+    return f"sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+
+
+def validate_key(key: str) -> str:
+    """Reject anything that could step outside a store's namespace (`..`, absolute paths, odd characters)."""
+    if len(key) > 512 or not _SAFE_KEY.match(key) or any(part in {".", ".."} for part in key.split("/")):
+        raise ValueError(f"unsafe blob key: {key!r}")
+    return key
+
+
+def check_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise PayloadTooLarge(f"blob of {size} bytes exceeds the {max_bytes}-byte cap")
+
+
+async def open_store(url: str) -> BlobStore:
+    if url.startswith("file://"):
+        from imgsvc.storage.fs import FilesystemStore
+
+        return FilesystemStore(url.removeprefix("file://"))
+    raise ValueError(f"unsupported storage URL: {url!r}")

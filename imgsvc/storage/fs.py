@@ -1,0 +1,77 @@
+"""Filesystem blob store: one file per key under a root, written atomically.
+
+Writes go to a temporary file in the target directory, are fsynced, then renamed
+into place and the directory fsynced, so a crash never leaves a partial blob.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import anyio
+
+from imgsvc.errors import BlobNotFound
+from imgsvc.storage import check_size, validate_key
+
+
+class FilesystemStore:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / validate_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"unsafe blob key: {key!r}")
+        return path
+
+    async def put(self, key: str, data: bytes) -> None:
+        await anyio.to_thread.run_sync(self._put, self._path(key), data)
+
+    @staticmethod
+    def _put(path: Path, data: bytes) -> None:
+        if path.exists() and path.stat().st_size == len(data):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        return await anyio.to_thread.run_sync(self._get, self._path(key), max_bytes)
+
+    @staticmethod
+    def _get(path: Path, max_bytes: int) -> bytes:
+        try:
+            with path.open("rb") as src:
+                check_size(os.fstat(src.fileno()).st_size, max_bytes)
+                return src.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise BlobNotFound(str(path.name)) from None
+
+    async def exists(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(self._path(key).is_file)
+
+    async def delete(self, key: str) -> None:
+        await anyio.to_thread.run_sync(lambda: self._path(key).unlink(missing_ok=True))
+
+    async def check(self) -> None:
+        if not await anyio.to_thread.run_sync(os.access, self.root, os.W_OK):
+            raise OSError(f"blob root {self.root} is not writable")
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,219 @@
+"""Uploads: read the body under a byte cap (raw or multipart), then sniff, probe, store, record.
+
+The blob is durable before its record is committed, so a record never points at
+nothing; a failed upload leaves no record behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, get_args
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from imgsvc import pipeline
+from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
+from imgsvc.errors import BadRequest, InvalidParameter, PayloadTooLarge, UnsupportedFormat
+from imgsvc.storage import BlobStore, blob_key
+from imgsvc.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+MAX_FIELD_BYTES = 1024
+_CATEGORY = re.compile(r"^[\w .:/-]{0,64}$")
+
+
+@dataclass(slots=True)
+class UploadBody:
+    data: bytes = b""
+    filename: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadOptions:
+    category: str = ""
+    visibility: Visibility = "public"
+
+
+async def read_body(
+    content_type: str, content_length: str | None, chunks: AsyncIterator[bytes], max_bytes: int
+) -> UploadBody:
+    """The uploaded file (raw `image/*` body or multipart field `file`), refusing past max_bytes as it streams."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
+        raise PayloadTooLarge(f"the body of {content_length} bytes exceeds the {max_bytes}-byte upload limit")
+    media_type, options = parse_options_header(content_type)
+    if media_type.startswith(b"image/") or media_type == b"application/octet-stream":
+        return UploadBody(data=await _read_capped(chunks, max_bytes))
+    if media_type == b"multipart/form-data" and options.get(b"boundary"):
+        return await _read_multipart(options[b"boundary"], chunks, max_bytes)
+    raise UnsupportedFormat(
+        "send the image as the raw body with Content-Type image/*, or as the multipart/form-data field 'file'"
+    )
+
+
+async def _read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        if len(buffer) > max_bytes:
+            raise PayloadTooLarge(f"the body exceeds the {max_bytes}-byte upload limit")
+    return bytes(buffer)
+
+
+class _MultipartCollector:
+    """Collects the `file` part (capped) and small text fields; ignores nothing silently."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.body = UploadBody()
+        self._file = bytearray()
+        self._header_field = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._name: str | None = None
+        self._value = bytearray()
+        self._files_seen = 0
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_header_field": lambda d, s, e: setattr(self, "_header_field", self._header_field + d[s:e]),
+            "on_header_value": self._header_value,
+            "on_header_end": lambda: setattr(self, "_header_field", b""),
+            "on_headers_finished": self._headers_finished,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers, self._name, self._value = {}, None, bytearray()
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        name = self._header_field.lower()
+        self._headers[name] = self._headers.get(name, b"") + data[start:end]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = options.get(b"name")
+        if name is None:
+            raise BadRequest("a multipart part has no name")
+        self._name = name.decode("utf-8", "replace")
+        if self._name == "file":
+            self._files_seen += 1
+            if self._files_seen > 1:
+                raise InvalidParameter("send exactly one 'file' part", param="file")
+            filename = options.get(b"filename")
+            self.body.filename = filename.decode("utf-8", "replace") if filename is not None else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name == "file":
+            self._file += data[start:end]
+            if len(self._file) > self.max_bytes:
+                raise PayloadTooLarge(f"the file exceeds the {self.max_bytes}-byte upload limit")
+        else:
+            self._value += data[start:end]
+            if len(self._value) > MAX_FIELD_BYTES:
+                raise InvalidParameter(f"field is longer than {MAX_FIELD_BYTES} bytes", param=self._name)
+
+    def _part_end(self) -> None:
+        if self._name is not None and self._name != "file":
+            if self._name in self.body.fields:
+                raise InvalidParameter("field given twice", param=self._name)
+            self.body.fields[self._name] = self._value.decode("utf-8", "replace")
+
+    def finish(self) -> UploadBody:
+        if self._files_seen == 0:
+            raise InvalidParameter("the multipart body has no 'file' part", param="file")
+        self.body.data = bytes(self._file)
+        return self.body
+
+
+async def _read_multipart(boundary: bytes, chunks: AsyncIterator[bytes], max_bytes: int) -> UploadBody:
+    collector = _MultipartCollector(max_bytes)
+    parser = MultipartParser(boundary, collector.callbacks())
+    received = 0
+    async for chunk in chunks:
+        received += len(chunk)
+        if received > max_bytes + 64 * 1024:  # the file itself is capped exactly; this bounds the framing
+            raise PayloadTooLarge(f"the body exceeds the {max_bytes}-byte upload limit")
+        try:
+            parser.write(chunk)
+        except (PayloadTooLarge, InvalidParameter, BadRequest):
+            raise
+        except Exception as exc:  # python-multipart raises its own errors on malformed framing
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+    try:
+        parser.finalize()
+    except Exception as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    return collector.finish()
+
+
+def upload_options(values: dict[str, str]) -> UploadOptions:
+    unknown = set(values) - {"category", "visibility"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise InvalidParameter(f"unknown upload parameter {name!r}; use category and visibility", param=name)
+    category = values.get("category", "")
+    if not _CATEGORY.match(category):
+        raise InvalidParameter("category: up to 64 letters, digits, spaces or . : / _ -", param="category")
+    visibility = values.get("visibility", "public")
+    if visibility not in get_args(Visibility):
+        raise InvalidParameter("visibility must be public or private", param="visibility")
+    return UploadOptions(category=category, visibility=visibility)  # type: ignore[arg-type]
+
+
+def sanitize_filename(name: str | None) -> str | None:
+    """Keep a display name only: no path, no control characters, at most 200 characters."""
+    if not name:
+        return None
+    name = unicodedata.normalize("NFC", name.replace("\\", "/").rsplit("/", 1)[-1])
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip().lstrip(".")
+    return name[:200] or None
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """Everything an upload needs, built once in `app.py`."""
+
+    catalog: Catalog
+    store: BlobStore
+    pool: WorkerPool
+    limits: pipeline.PipelineLimits
+
+    async def ingest(
+        self, body: UploadBody, owner: str, options: UploadOptions
+    ) -> tuple[ImageRecord, bool]:
+        """Validate and store an upload; (record, created). The same owner's same bytes return the existing image."""
+        if not body.data:
+            raise BadRequest("the upload is empty")
+        if pipeline.sniff_format(body.data[:32]) is None:
+            raise UnsupportedFormat("not a JPEG, PNG, WebP, GIF, AVIF/HEIF or TIFF image (checked by its bytes)")
+        sha256 = hashlib.sha256(body.data).hexdigest()
+        existing = await self.catalog.find_live_by_sha256(owner, sha256)
+        if existing is not None:
+            return existing, False
+        probe = await self.pool.run(pipeline.probe, body.data, self.limits)
+        await self.store.put(blob_key(sha256), body.data)
+        record = ImageRecord(
+            id=new_image_id(),
+            sha256=sha256,
+            owner=owner,
+            category=options.category,
+            visibility=options.visibility,
+            format=probe.format,
+            width=probe.width,
+            height=probe.height,
+            bytes=len(body.data),
+            frames=probe.frames,
+            has_alpha=probe.has_alpha,
+            original_filename=sanitize_filename(body.filename),
+            created_at=datetime.now(UTC),
+        )
+        return await self.catalog.insert_or_existing(record)

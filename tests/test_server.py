@@ -1,0 +1,81 @@
+"""imgsvc as users run it: a real uvicorn process on loopback, on the embedded defaults, across restarts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from pathlib import Path
+
+import httpx
+import pyvips
+
+from tests.conftest import FLICKR, IMAGES, PHOTO, ServerProcess
+
+
+def test_upload_and_render_over_real_http(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        created = http.post("/images", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert created.status_code == 201, created.text
+        image_id = created.json()["id"]
+        rendered = http.get(f"/img/{image_id}", params={"w": "256"})
+        assert rendered.status_code == 200
+        out = pyvips.Image.new_from_buffer(rendered.content, "")
+        assert (out.width, out.height, out.get("vips-loader")) == (256, 192, "jpegload_buffer")
+        assert created.json()["urls"]["render"] == f"{server.url}/img/{image_id}"
+
+
+def test_concurrent_uploads_of_the_same_bytes_over_http(server: ServerProcess, tmp_path: Path) -> None:
+    data = FLICKR.read_bytes()
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/images", content=data, headers={"Content-Type": "image/jpeg"}, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(post, range(6)))
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len([p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]) == 1
+
+
+def test_embedded_defaults_keep_every_image_across_restarts(tmp_path: Path) -> None:
+    """No database URL, no storage URL: a private Postgres and blob dir in the data dir, reused on restart."""
+    env = {"IMGSVC_DATA_DIR": str(tmp_path / "data"), "IMGSVC_WORKERS": "2"}
+    first = ServerProcess(env, tmp_path / "first.log").start(timeout=120)
+    try:
+        uploaded = {}
+        for path in sorted(IMAGES.glob("*.*")):
+            if path.suffix in {".jpg", ".png", ".gif", ".webp"}:
+                response = httpx.post(f"{first.url}/images", content=path.read_bytes(),
+                                      headers={"Content-Type": "image/jpeg"}, timeout=30)  # fmt: skip
+                assert response.status_code == 201, response.text
+                uploaded[response.json()["id"]] = response.json()
+        deleted = next(iter(uploaded))
+        assert httpx.delete(f"{first.url}/images/{deleted}").status_code == 204
+    finally:
+        assert first.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
+    assert (tmp_path / "data" / "postgres" / "PG_VERSION").exists()
+
+    second = ServerProcess(env, tmp_path / "second.log").start(timeout=120)
+    try:
+        with httpx.Client(base_url=second.url, timeout=30) as http:
+            listed = http.get("/images", params={"limit": "100"}).json()["items"]
+            assert {item["id"] for item in listed} == set(uploaded) - {deleted}
+            for image_id, before in uploaded.items():
+                if image_id == deleted:
+                    assert http.get(f"/img/{image_id}", params={"w": "64"}).status_code == 404
+                    continue
+                after = http.get(f"/images/{image_id}").json()
+                assert {k: after[k] for k in ("sha256", "width", "height", "format")} == {
+                    k: before[k] for k in ("sha256", "width", "height", "format")
+                }
+                assert http.get(f"/images/{image_id}/original").content == (IMAGES / _name_of(before)).read_bytes()
+                assert http.get(f"/img/{image_id}", params={"w": "64"}).status_code == 200
+    finally:
+        assert second.stop() in (0, -15)
+
+
+def _name_of(record: dict) -> str:
+    for path in IMAGES.iterdir():
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]:
+            return path.name
+    raise AssertionError("no such image")
