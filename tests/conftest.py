@@ -22,7 +22,7 @@ from imgsvc.app import create_app
 from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+IMAGES = Path(__file__).resolve().parent / "images"  # copies of the shared benchmark corpus, with its README
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = IMAGES / "photo-4000x3000.jpg"
 FLICKR = IMAGES / "2569067123_aca715a2ee_o.jpg"

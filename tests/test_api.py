@@ -43,7 +43,7 @@ def assert_problem(response: httpx.Response, status: int, slug: str, param: str 
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-async def test_upload_every_shared_image_raw(client: httpx.AsyncClient, name: str) -> None:
+async def test_upload_every_corpus_image_raw(client: httpx.AsyncClient, name: str) -> None:
     fmt, width, height, frames, alpha = EXPECTED[name]
     response = await upload(client, IMAGES / name, category="gig")
     assert response.status_code == 201, response.text

@@ -25,7 +25,7 @@ from imgsvc.pipeline import (
 )
 from imgsvc.spec import OutputFormat, TransformSpec
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+IMAGES = Path(__file__).resolve().parent / "images"  # copies of the shared benchmark corpus, with its README
 PHOTO = IMAGES / "photo-4000x3000.jpg"
 SHARP_JPEG = IMAGES / "2569067123_aca715a2ee_o.jpg"
 ALPHA_PNG = IMAGES / "alpha-premultiply-2048x1536-paper.png"

@@ -44,7 +44,7 @@ def test_embedded_defaults_keep_every_image_across_restarts(tmp_path: Path) -> N
     try:
         uploaded = {}
         for path in sorted(IMAGES.glob("*.*")):
-            if path.suffix in {".jpg", ".png", ".gif", ".webp"}:
+            if path.suffix in {".jpg", ".png", ".gif", ".webp"}:  # every image of the corpus
                 response = httpx.post(f"{first.url}/images", content=path.read_bytes(),
                                       headers={"Content-Type": "image/jpeg"}, timeout=30)  # fmt: skip
                 assert response.status_code == 201, response.text
