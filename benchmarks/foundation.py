@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTO = REPO.parent / "shared" / "images" / "photo-4000x3000.jpg"
+PHOTO = REPO / "tests" / "images" / "photo-4000x3000.jpg"  # a copy of shared/images/photo-4000x3000.jpg
 ROUNDS = 30
 
 
