@@ -29,7 +29,9 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.test-deps
-	$(BIN)/python benchmarks/foundation.py
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	cd benchmarks && ../$(BIN)/python foundation.py
+	cd benchmarks && ../$(BIN)/python render.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache
