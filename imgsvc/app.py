@@ -21,7 +21,7 @@ from imgsvc.auth import NoAuth, Verifier
 from imgsvc.catalog import Catalog
 from imgsvc.config import ConfigError, Settings
 from imgsvc.embedded import EmbeddedPostgres
-from imgsvc.errors import ImgsvcError
+from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.headers import SECURITY, error_cache_control
 from imgsvc.render import Renderer
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
@@ -107,17 +107,12 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, ImgsvcError):
         error = exc
     elif isinstance(exc, HTTPException):
-        error = ImgsvcError(exc.detail, headers=exc.headers)
-        error.status, error.slug, error.title = exc.status_code, _HTTP_SLUGS.get(exc.status_code, "http-error"), ""
-        error.title = error.slug.replace("-", " ").capitalize()
+        error = RoutingError(exc.status_code, exc.detail, exc.headers)
     else:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         error = ImgsvcError("the server failed to handle this request")
     headers = {**error.headers, "Cache-Control": error_cache_control(error.status, render_route=render_route)}
     return JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
-
-
-_HTTP_SLUGS = {404: "not-found", 405: "method-not-allowed"}
 
 
 class RequestContext:

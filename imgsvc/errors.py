@@ -91,5 +91,15 @@ class DependencyUnavailable(ImgsvcError):
     status, slug, title = 503, "dependency-unavailable", "A backing service is unavailable"
 
 
+class RoutingError(ImgsvcError):
+    """Starlette's own 404/405 (no such route, method not allowed), in the same problem format."""
+
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
+        self.status = status
+        self.slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
+        self.title = self.slug.replace("-", " ").capitalize()
+
+
 class BlobNotFound(Exception):
     """Raised by storage backends; never shown to clients as such."""

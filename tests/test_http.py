@@ -279,3 +279,36 @@ async def test_a_full_render_queue_answers_503_with_retry_after(settings) -> Non
         assert refused.headers["cache-control"] == "no-store"
         assert refused.json()["type"] == "/problems/overloaded"
         assert (await client.get(f"/img/{image_id}?w=300&fmt=avif")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/livez", 200),
+        ("GET", "/readyz", 200),
+        ("GET", "/images", 200),
+        ("GET", "/images/{id}", 200),
+        ("GET", "/images/{id}/original", 200),
+        ("GET", "/img/{id}?w=64", 200),
+        ("HEAD", "/img/{id}?w=64", 200),
+        ("GET", "/img/{id}?w=0", 400),
+        ("GET", "/img/AAAAAAAAAAAAAAAAAAAAAA", 404),
+        ("GET", "/images/AAAAAAAAAAAAAAAAAAAAAA", 404),
+        ("GET", "/nowhere", 404),
+        ("PUT", "/img/{id}", 405),
+        ("POST", "/images", 415),
+        ("DELETE", "/images/{id}", 204),
+    ],
+)
+async def test_every_route_and_status_carries_nosniff_request_id_and_cache_control(
+    client: httpx.AsyncClient, method: str, path: str, status: int
+) -> None:
+    image_id = await upload(client, GIF_ANIMATED)
+    response = await client.request(method, path.replace("{id}", image_id))
+    assert response.status_code == status
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-request-id"]
+    assert response.headers["cache-control"]
+    if status >= 400:
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == status
