@@ -105,3 +105,11 @@ def test_config_check_fails_with_every_problem() -> None:
     assert "IMGSVC_PORT" in result.stderr
     bad_preset = run_cli("config", "--check", env={"IMGSVC_PRESETS": "x:w=abc"})
     assert bad_preset.returncode == 2 and "IMGSVC_PRESETS" in bad_preset.stderr
+
+
+def test_migrate_is_idempotent(database_url: str) -> None:
+    env = {"IMGSVC_DATABASE_URL": database_url, "IMGSVC_STORAGE_URL": "file:///tmp/imgsvc-migrate-test"}
+    for _ in range(2):
+        result = run_cli("migrate", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "database at schema 0001_images" in result.stdout
