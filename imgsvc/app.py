@@ -24,6 +24,7 @@ from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.headers import SECURITY, error_cache_control
 from imgsvc.render import Renderer
+from imgsvc.signing import Keyring, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
 from imgsvc.storage import BlobStore, open_store
 from imgsvc.upload import Ingest
@@ -60,6 +61,14 @@ def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
     )
 
 
+def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy:
+    sizes = None
+    if settings.unsigned_widths is not None:
+        preset_sizes = {int(value) for items in presets.values() for key, value in items if key in ("w", "h")}
+        sizes = frozenset(settings.unsigned_widths) | preset_sizes
+    return UrlPolicy(Keyring.from_pairs(settings.signing_keys), sizes, settings.require_signed)
+
+
 @contextlib.asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     """Start every dependency in order and stop them in reverse, whatever happens in between."""
@@ -85,6 +94,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             catalog=catalog,
             store=store,
             pool=pool,
+            policy=url_policy(settings, presets),
             limits=limits,
             max_original_bytes=settings.max_upload_bytes,
             variant_cache_bytes=settings.cache_bytes,

@@ -18,11 +18,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     config = commands.add_parser("config", help="show the effective settings")
     config.add_argument("--check", action="store_true", help="validate every setting; exit 1 on any error")
+    sign = commands.add_parser("sign", help="print a signed render URL (uses IMGSVC_SIGNING_KEYS)")
+    sign.add_argument("image_id")
+    sign.add_argument("query", nargs="?", default="", help="render query, e.g. 'w=256&fmt=webp'")
+    sign.add_argument("--expires-in", type=int, metavar="SECONDS", help="add exp, now + SECONDS")
+    sign.add_argument("--base-url", help="default: IMGSVC_PUBLIC_URL or http://host:port")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         if args.command == "config":
             return show_config(settings)
+        if args.command == "sign":
+            return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
@@ -40,6 +47,25 @@ def show_config(settings: Settings) -> int:
     width = max(len(name) for name, _, _ in rows)
     for name, value, help_text in rows:
         print(f"{name:<{width}}  {value}\n{'':<{width}}  # {help_text}")
+    return 0
+
+
+def print_signed_url(settings: Settings, image_id: str, query: str, expires_in: int | None, base: str | None) -> int:
+    from urllib.parse import parse_qsl
+
+    from imgsvc.client import RenderUrls
+    from imgsvc.errors import InvalidParameter
+
+    if not settings.signing_keys:
+        print("imgsvc: IMGSVC_SIGNING_KEYS is not set", file=sys.stderr)
+        return 2
+    urls = RenderUrls(base or settings.effective_public_url, settings.signing_keys,
+                      max_output_dim=settings.max_output_dim)  # fmt: skip
+    try:
+        print(urls.url(image_id, expires_in=expires_in, **dict(parse_qsl(query, keep_blank_values=True))))
+    except InvalidParameter as exc:
+        print(f"imgsvc: {exc.param}: {exc.detail}", file=sys.stderr)
+        return 2
     return 0
 
 

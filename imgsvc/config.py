@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -73,6 +74,18 @@ def _widths(text: str) -> tuple[int, ...] | None:
     return values
 
 
+def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
+    keys: list[tuple[str, str]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kid, sep, secret = part.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", kid) or len(secret) < 32:
+            raise ValueError("expected kid:secret pairs separated by commas; kid [A-Za-z0-9_-]{1,32}, secret 32+ chars")
+        if kid in dict(keys):
+            raise ValueError(f"key id {kid!r} is given twice")
+        keys.append((kid, secret))
+    return tuple(keys)
+
+
 def _storage_url(text: str) -> str:
     if not text.startswith(("file://", "s3://", "postgres:")):
         raise ValueError(f"expected file:///path, s3://bucket/prefix or postgres:, got {text!r}")
@@ -114,8 +127,13 @@ class Settings:
         "Token verification: none (every caller is 'anonymous'; loopback only).",
         parse=_choice(get_args(AuthMode)),
     )
+    signing_keys: tuple[tuple[str, str], ...] = _setting(
+        (), "Render URL signing keys as kid:secret,...; the first signs, all verify.", parse=_signing_keys, secret=True
+    )
+    require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=_bool)
     unsigned_widths: tuple[int, ...] | None = _setting(
-        DEFAULT_WIDTHS, "Widths an unsigned URL may ask for, comma-separated; * allows any within limits.",
+        DEFAULT_WIDTHS,
+        "Sizes (w or h, after dpr) an unsigned URL may ask for, comma-separated; * allows any within limits.",
         parse=_widths,
     )
     workers: int = _setting(os.cpu_count() or 1, "Render worker threads (concurrent renders).", parse=_int(1, 256))
@@ -177,6 +195,8 @@ class Settings:
         problems = []
         if self.auth == "none" and not is_loopback(self.host):
             problems.append("IMGSVC_AUTH: 'none' is only allowed when IMGSVC_HOST is a loopback address")
+        if self.require_signed and not self.signing_keys:
+            problems.append("IMGSVC_REQUIRE_SIGNED: needs IMGSVC_SIGNING_KEYS")
         return problems
 
     def describe(self) -> list[tuple[str, str, str]]:

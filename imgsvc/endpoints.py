@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from imgsvc import pipeline
 from imgsvc.auth import Principal, authenticate, authorize
 from imgsvc.catalog import ImageRecord
+from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import Forbidden, InvalidParameter, NotFound
 from imgsvc.headers import NO_STORE, SECURITY, render_headers
 from imgsvc.spec import parse_query
@@ -45,7 +46,7 @@ async def _principal(request: Request) -> Principal:
 def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
     svc = services(request)
     base = f"{svc.settings.effective_public_url}/img/{image.id}"
-    widths = [w for w in (svc.settings.unsigned_widths or ()) if w <= image.width] or [image.width]
+    widths = [w for w in (svc.settings.unsigned_widths or DEFAULT_WIDTHS) if w <= image.width] or [image.width]
     return {
         "id": image.id,
         "format": image.format,
@@ -158,7 +159,8 @@ async def render_image(request: Request) -> Response:
     headers = render_headers(
         etag=variant.etag,
         media_type=pipeline.MEDIA_TYPES[variant.format],
-        public=variant.image.visibility == "public",
+        public=variant.public,
+        cache_control=variant.cache_control,
         vary_accept=variant.vary_accept,
         filename=variant.filename,
         cache_status=variant.cache_status,

@@ -44,11 +44,20 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
+def variant_cache_control(*, public: bool, expires: int | None, now: float) -> str:
+    """Immutable for public variants; a signed URL's expiry bounds any cache; private ones stay private."""
+    if expires is not None:
+        max_age = max(0, min(expires - int(now), ONE_YEAR))
+        return f"{'public' if public else 'private'}, max-age={max_age}"
+    return PUBLIC_IMMUTABLE if public else "private, no-cache"
+
+
 def render_headers(
     *,
     etag: str,
     media_type: str,
     public: bool,
+    cache_control: str,
     vary_accept: bool,
     filename: str,
     cache_status: CacheStatus | None,
@@ -56,7 +65,7 @@ def render_headers(
     """Headers shared by a 200 and its 304 (RFC 9110 §15.4.5: the 304 repeats ETag, Vary, Cache-Control)."""
     headers = {
         "ETag": etag,
-        "Cache-Control": PUBLIC_IMMUTABLE if public else "private, max-age=3600",
+        "Cache-Control": cache_control,
         "Content-Type": media_type,
         "Content-Disposition": f'inline; filename="{filename}"',
         "Timing-Allow-Origin": "*",

@@ -6,7 +6,8 @@ matching `If-None-Match` is answered without touching storage or libvips.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
 
@@ -15,7 +16,8 @@ from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, ImageRecord
 from imgsvc.errors import BlobNotFound, Forbidden, NotFound, Unauthorized
-from imgsvc.headers import CacheStatus, etag_matches, render_etag
+from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
+from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, accept_token, choose_output_format, varies_on_accept
 from imgsvc.storage import BlobStore, blob_key
 from imgsvc.workers import WorkerPool
@@ -27,8 +29,13 @@ class Variant:
     format: OutputFormat
     etag: str
     vary_accept: bool
-    data: bytes | None  # None: the client's copy is current (304)
-    cache_status: CacheStatus | None
+    cache_control: str
+    data: bytes | None = None  # None: the client's copy is current (304)
+    cache_status: CacheStatus | None = None
+
+    @property
+    def public(self) -> bool:
+        return self.image.visibility == "public"
 
     @property
     def filename(self) -> str:
@@ -42,6 +49,7 @@ class Renderer:
         catalog: Catalog,
         store: BlobStore,
         pool: WorkerPool,
+        policy: UrlPolicy,
         limits: pipeline.PipelineLimits,
         max_original_bytes: int,
         variant_cache_bytes: int,
@@ -51,6 +59,7 @@ class Renderer:
         self.catalog = catalog
         self.store = store
         self.pool = pool
+        self.policy = policy
         self.limits = limits
         self.max_original_bytes = max_original_bytes
         self.variants: ByteLRU[str, bytes] = ByteLRU(variant_cache_bytes, len)
@@ -84,24 +93,24 @@ class Renderer:
         principal: Principal | None,
         if_none_match: str | None,
     ) -> Variant:
+        grant = self.policy.grant(image_id, query)  # before any I/O: a bad URL costs no database read
         image = await self.lookup(image_id)
-        if not may_view(principal, image):
-            if principal is None:
-                raise Unauthorized("this image is private", headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'})
-            raise Forbidden("this image is private")
+        authorize_view(image, principal, grant)
         spec = query.spec
         vary = varies_on_accept(spec)
         fmt = choose_output_format(
             spec.format, accept_token(accept) if vary else "legacy", image.format, image.has_alpha, image.frames > 1
         )  # type: ignore[arg-type]
         etag = render_etag(image.sha256, spec.render_key(), fmt, pipeline.PIPELINE_VERSION)
-        variant = Variant(image, fmt, etag, vary, None, None)
+        public = image.visibility == "public"
+        cache_control = variant_cache_control(public=public, expires=grant.expires, now=time.time())
+        variant = Variant(image, fmt, etag, vary, cache_control)
         if etag_matches(if_none_match, etag):
             return variant
         key = f"{image.sha256}|{spec.render_key()}|{fmt}"
         data = self.variants.get(key)
         if data is not None:
-            return _with(variant, data, "hit")
+            return replace(variant, data=data, cache_status="hit")
 
         async def produce() -> bytes:
             original = await self.fetch_original(image)
@@ -111,7 +120,7 @@ class Renderer:
             return rendered.data
 
         data, _ = await self._renders.run(key, produce)
-        return _with(variant, data, "miss")
+        return replace(variant, data=data, cache_status="miss")
 
     async def fetch_original(self, image: ImageRecord) -> bytes:
         data = self.originals.get(image.sha256)
@@ -130,5 +139,13 @@ class Renderer:
         return data
 
 
-def _with(variant: Variant, data: bytes, status: CacheStatus) -> Variant:
-    return Variant(variant.image, variant.format, variant.etag, variant.vary_accept, data, status)
+def authorize_view(image: ImageRecord, principal: Principal | None, grant: Grant) -> None:
+    """Public images render for anyone; private ones for the owner's token or a signed URL with `exp`."""
+    if may_view(principal, image) or (grant.signed and grant.expires is not None):
+        return
+    if principal is None:
+        raise Unauthorized(
+            "this image is private: use the owner's token or a signed URL with exp",
+            headers={"WWW-Authenticate": 'Bearer realm="imgsvc"'},
+        )
+    raise Forbidden("this image is private")

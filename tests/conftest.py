@@ -60,6 +60,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path,
         public_url="http://testserver",
         workers=2,
+        unsigned_widths=None,  # the allow-list has its own tests; elsewhere any size is fine
     )
 
 

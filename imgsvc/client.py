@@ -1,0 +1,38 @@
+"""Build render URLs and `srcset` strings, signed or not, without a network call.
+
+For the main application: `RenderUrls("https://img.example.com", keys=[("k1", SECRET)])`. It uses
+the server's own canonical form, so what it signs is exactly what the server verifies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from urllib.parse import quote
+
+from imgsvc.signing import Keyring, signed_query
+from imgsvc.spec import SpecLimits, parse_query
+
+
+class RenderUrls:
+    def __init__(self, base_url: str, keys: Sequence[tuple[str, str]] = (), *, max_output_dim: int = 8192) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.keyring = Keyring.from_pairs(keys)
+        self.limits = SpecLimits(max_output_dim=max_output_dim)
+
+    def url(self, image_id: str, *, expires_in: int | None = None, sign: bool = True, **params: object) -> str:
+        """`url("Xb3...", w=256, fmt="webp")`; signed when keys are configured, with `exp` when asked."""
+        items = [(key, str(value)) for key, value in params.items() if value is not None]
+        query = parse_query(items, self.limits)  # raises InvalidParameter exactly as the server would
+        path = f"{self.base_url}/img/{quote(image_id, safe='')}"
+        if sign and self.keyring is not None:
+            exp = int(time.time()) + expires_in if expires_in is not None else None
+            return f"{path}?{signed_query(self.keyring, image_id, query.spec, exp)}"
+        if expires_in is not None:
+            raise ValueError("expires_in needs signing keys")
+        canonical = query.spec.canonical_query()
+        return f"{path}?{canonical}" if canonical else path
+
+    def srcset(self, image_id: str, widths: Iterable[int], **params: object) -> str:
+        """`srcset` candidates `url 256w, url 512w, ...` for the given widths (other params shared)."""
+        return ", ".join(f"{self.url(image_id, w=width, **params)} {width}w" for width in sorted(set(widths)))
