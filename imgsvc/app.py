@@ -57,7 +57,10 @@ def load_presets(settings: Settings) -> dict[str, PresetItems]:
 
 def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
     return pipeline.PipelineLimits(
-        max_pixels=settings.max_pixels, max_frames=settings.max_frames, timeout_seconds=settings.render_timeout
+        max_pixels=settings.max_pixels,
+        max_frames=settings.max_frames,
+        timeout_seconds=settings.render_timeout,
+        max_output_dim=settings.max_output_dim,
     )
 
 
@@ -96,7 +99,6 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             pool=pool,
             policy=url_policy(settings, presets),
             limits=limits,
-            max_original_bytes=settings.max_upload_bytes,
             variant_cache_bytes=settings.cache_bytes,
             original_cache_bytes=settings.originals_cache_bytes,
         )
@@ -118,11 +120,16 @@ async def handle_error(request: Request, exc: Exception) -> Response:
         error = exc
     elif isinstance(exc, HTTPException):
         error = RoutingError(exc.status_code, exc.detail, exc.headers)
-    else:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+    else:  # a bug: uvicorn logs the traceback; the client gets a problem without one
         error = ImgsvcError("the server failed to handle this request")
     headers = {**error.headers, "Cache-Control": error_cache_control(error.status, render_route=render_route)}
+    # A 500 is sent from outside every middleware, so it gets the request context here.
+    headers.update({"X-Content-Type-Options": "nosniff", "X-Request-ID": _request_id(request)})
     return JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
+
+
+def _request_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
 
 
 class RequestContext:
@@ -138,6 +145,7 @@ class RequestContext:
         request_id = _header(scope, b"x-request-id")
         if not request_id or len(request_id) > 128 or not request_id.isascii():
             request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_context(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -81,15 +81,13 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._running: dict[K, asyncio.Task[V]] = {}
 
-    async def run(self, key: K, producer: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
-        """(value, shared): shared is True when this caller joined a run already in flight."""
+    async def run(self, key: K, producer: Callable[[], Awaitable[V]]) -> V:
         task = self._running.get(key)
-        shared = task is not None
         if task is None:
             task = asyncio.ensure_future(producer())
             self._running[key] = task
             task.add_done_callback(lambda done: self._finish(key, done))
-        return await asyncio.shield(task), shared
+        return await asyncio.shield(task)
 
     def _finish(self, key: K, task: asyncio.Task[V]) -> None:
         self._running.pop(key, None)

@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Literal
 
@@ -19,6 +19,7 @@ from imgsvc.errors import InvalidParameter
 log = logging.getLogger("imgsvc.catalog")
 Visibility = Literal["public", "private"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_CURSOR = re.compile(r"^[A-Za-z0-9_-]+$")
 _MIGRATION_LOCK = 0x696D6773  # advisory lock id ("imgs"): one replica migrates at a time
 
 
@@ -71,11 +72,19 @@ def encode_cursor(record: ImageRecord) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) position of a cursor from `encode_cursor`; anything else is a 400."""
+    invalid = InvalidParameter("cursor is not one this service issued", param="cursor")
+    if len(cursor) > 200 or not _CURSOR.match(cursor):
+        raise invalid
     try:
         created, image_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(image_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidParameter("cursor is not one this service issued", param="cursor") from exc
+        position = datetime.fromisoformat(created)
+        position.astimezone(UTC)  # rejects dates that overflow once normalised
+    except Exception as exc:  # any malformed payload: wrong JSON shape, types, dates
+        raise invalid from exc
+    if position.tzinfo is None or not isinstance(image_id, str) or not is_image_id(image_id):
+        raise invalid
+    return position, image_id
 
 
 class Catalog:
@@ -118,7 +127,7 @@ class Catalog:
                 log.info("applied migration %s", version)
         return applied
 
-    async def insert_or_existing(self, record: ImageRecord) -> tuple[ImageRecord, bool]:
+    async def insert_or_existing(self, record: ImageRecord, attempts: int = 3) -> tuple[ImageRecord, bool]:
         """Insert a new image, or return the owner's live image of the same bytes (created=False)."""
         row = await self.pool.fetchrow(
             f"""INSERT INTO images (id, sha256, owner, category, visibility, format, width, height, bytes,
@@ -132,8 +141,10 @@ class Catalog:
         if row is not None:
             return _record(row), True
         existing = await self.find_live_by_sha256(record.owner, record.sha256)
-        if existing is None:  # the conflicting row was deleted in between: try again once
-            return await self.insert_or_existing(record)
+        if existing is None:  # the conflicting row was deleted in between: try again
+            if attempts <= 1:
+                raise RuntimeError("image insert kept conflicting with concurrent deletes")
+            return await self.insert_or_existing(record, attempts - 1)
         return existing, False
 
     async def find_live_by_sha256(self, owner: str, sha256: str) -> ImageRecord | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote
 
@@ -102,8 +103,11 @@ async def list_images(request: Request) -> Response:
     if owner != "me" and owner != principal.subject:
         authorize(principal, "images:admin")
     limit_text = params.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST_LIMIT:
+    if not re.fullmatch(r"[1-9][0-9]{0,2}", limit_text) or int(limit_text) > MAX_LIST_LIMIT:
         raise InvalidParameter(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
+    for name in ("owner", "category"):
+        if name in params and not is_printable_text(params[name]):
+            raise InvalidParameter(f"{name} must be printable text of at most 64 characters", param=name)
     page = await svc.catalog.list(
         principal.subject if owner == "me" else owner,
         category=params.get("category"),
@@ -206,6 +210,10 @@ async def _owned_image(request: Request, principal: Principal) -> ImageRecord:
     if image.owner != principal.subject and "images:admin" not in principal.scopes:
         raise Forbidden("this image belongs to someone else")
     return image
+
+
+def is_printable_text(text: str) -> bool:
+    return len(text) <= 64 and text.isprintable()
 
 
 def _single_params(request: Request, allowed: set[str]) -> dict[str, str]:

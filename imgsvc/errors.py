@@ -91,6 +91,10 @@ class DependencyUnavailable(ImgsvcError):
     status, slug, title = 503, "dependency-unavailable", "A backing service is unavailable"
 
 
+class OriginalUnavailable(ImgsvcError):
+    status, slug, title = 500, "original-unavailable", "The stored original cannot be read"
+
+
 class RoutingError(ImgsvcError):
     """Starlette's own 404/405 (no such route, method not allowed), in the same problem format."""
 

@@ -50,6 +50,8 @@ MEDIA_TYPES: Mapping[OutputFormat, str] = MappingProxyType(
 #   gif (libvips defaults)   525 ms for the photo at 640x480: quantisation dominates; left at the default.
 # Variants are rendered once and then cached (LRU, nginx, CDN), so bytes win over CPU up to each cliff.
 _WEBP_EFFORT = 4
+_WEBP_MAX_DIMENSION = 16383  # libwebp's limit
+_SLOW_ENCODERS = frozenset({"avif", "gif"})
 _AVIF_EFFORT = 3
 _PNG_COMPRESSION = 6
 
@@ -62,6 +64,7 @@ _Crop = Literal["gravity", "attention", "entropy"]
 class PipelineLimits:
     max_pixels: int = 50_000_000  # width * height summed over all frames, checked from the header
     max_frames: int = 100
+    max_output_dim: int = 8192  # a render without w/h is scaled down to fit this box
     timeout_seconds: float = 10.0  # per probe / render deadline
 
 
@@ -152,7 +155,7 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
     header = _open_header(data, limits)
     source = header.probe
     animate = source.frames > 1 and source.format in _ANIMATED_SOURCES and fmt in _ANIMATED_OUTPUTS
-    plan = _plan(source.width, source.height, spec, animate)
+    plan = _plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
     rgb = _parse_rgb(spec.background)
     try:
@@ -172,6 +175,12 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
         if fmt == "jpeg" and image.hasalpha():
             image, colour = _match_background(image, rgb)
             image = image.flatten(background=colour)
+        if fmt in _SLOW_ENCODERS:
+            # libheif's and the GIF quantiser's own passes cannot be interrupted: compute the pixels under
+            # the deadline first, and do not start a long encode that is already late.
+            image = image.copy_memory()
+            if deadline.expired():
+                raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
         out = _encode(image, fmt, quality, palette=header.palette)
     except pyvips.Error as exc:
         raise _render_error(deadline, "the image cannot be rendered") from exc
@@ -232,16 +241,21 @@ def _render_error(deadline: Deadline, detail: str) -> UndecodableImage | RenderT
     return UndecodableImage(detail)
 
 
-def _plan(width: int, height: int, spec: TransformSpec, animate: bool) -> _Plan:
+def _max_dimension(fmt: OutputFormat, limits: PipelineLimits) -> int:
+    return min(limits.max_output_dim, _WEBP_MAX_DIMENSION) if fmt == "webp" else limits.max_output_dim
+
+
+def _plan(width: int, height: int, spec: TransformSpec, animate: bool, max_dim: int) -> _Plan:
     """Resize and box sizes for `spec` on a `width` x `height` (oriented) source; see `render`."""
     w, h = spec.width, spec.height
+    fits = min(1.0, max_dim / width, max_dim / height)  # keep-aspect outputs never exceed max_dim
     if w is None or h is None:
-        scale = min(1.0, w / width if w is not None else h / height if h is not None else 1.0)
+        scale = min(fits, w / width if w is not None else h / height if h is not None else 1.0)
         size = (_px(width * scale), _px(height * scale))
         return _Plan(size, size)
     sx, sy = w / width, h / height
     if spec.fit in ("inside", "outside"):
-        scale = min(1.0, min(sx, sy) if spec.fit == "inside" else max(sx, sy))
+        scale = min(fits, min(sx, sy) if spec.fit == "inside" else max(sx, sy))
         size = (_px(width * scale), _px(height * scale))
         return _Plan(size, size)
     grow = min(sx, sy) if spec.fit == "contain" else max(sx, sy)

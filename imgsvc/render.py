@@ -6,6 +6,7 @@ matching `If-None-Match` is answered without touching storage or libvips.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -15,12 +16,14 @@ from imgsvc import pipeline
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, ImageRecord
-from imgsvc.errors import BlobNotFound, Forbidden, NotFound, Unauthorized
+from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, Unauthorized
 from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
 from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, accept_token, choose_output_format, varies_on_accept
-from imgsvc.storage import BlobStore, blob_key
+from imgsvc.storage import BlobStore, BlobTooLarge, blob_key
 from imgsvc.workers import WorkerPool
+
+log = logging.getLogger("imgsvc.render")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,6 @@ class Renderer:
         pool: WorkerPool,
         policy: UrlPolicy,
         limits: pipeline.PipelineLimits,
-        max_original_bytes: int,
         variant_cache_bytes: int,
         original_cache_bytes: int,
         record_ttl: float = 30.0,
@@ -61,10 +63,12 @@ class Renderer:
         self.pool = pool
         self.policy = policy
         self.limits = limits
-        self.max_original_bytes = max_original_bytes
         self.variants: ByteLRU[str, bytes] = ByteLRU(variant_cache_bytes, len)
         self.originals: ByteLRU[str, bytes] = ByteLRU(original_cache_bytes, len)
         self.records: TTLCache[str, ImageRecord] = TTLCache(maxsize=50_000, ttl=record_ttl)
+        # Ids deleted here, remembered as long as a record could be cached, so that a lookup which
+        # raced the delete cannot put the record back.
+        self.deleted: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
         self._renders: SingleFlight[str, bytes] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
         self.renders_started = 0
@@ -73,13 +77,14 @@ class Renderer:
         image = self.records.get(image_id)
         if image is None:
             image = await self.catalog.get(image_id)
-            if image is None:
+            if image is None or image_id in self.deleted:
                 raise NotFound(f"no image {image_id!r}")
             self.records[image_id] = image
         return image
 
     def forget(self, image: ImageRecord) -> None:
         """Evict everything held for a deleted image."""
+        self.deleted[image.id] = True
         self.records.pop(image.id, None)
         self.variants.evict_group(image.id)
         self.originals.evict_group(image.id)
@@ -113,13 +118,15 @@ class Renderer:
             return replace(variant, data=data, cache_status="hit")
 
         async def produce() -> bytes:
-            original = await self.fetch_original(image)
-            self.renders_started += 1
-            rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
-            self.variants.put(key, rendered.data, group=image.id)
+            with self.pool.admit():  # refuse before reading the original, not after
+                original = await self.fetch_original(image)
+                self.renders_started += 1
+                rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
+            if image.id not in self.deleted:
+                self.variants.put(key, rendered.data, group=image.id)
             return rendered.data
 
-        data, _ = await self._renders.run(key, produce)
+        data = await self._renders.run(key, produce)
         return replace(variant, data=data, cache_status="miss")
 
     async def fetch_original(self, image: ImageRecord) -> bytes:
@@ -128,14 +135,15 @@ class Renderer:
             return data
 
         async def produce() -> bytes:
-            try:
-                original = await self.store.get(blob_key(image.sha256), self.max_original_bytes)
-            except BlobNotFound:
-                raise NotFound(f"the original of image {image.id!r} is missing from storage") from None
+            try:  # the record knows the blob's exact size: nothing larger can be the original
+                original = await self.store.get(blob_key(image.sha256), image.bytes)
+            except (BlobNotFound, BlobTooLarge) as exc:
+                log.error("original of image %s unreadable: %s", image.id, type(exc).__name__)
+                raise OriginalUnavailable(f"the original of image {image.id!r} cannot be read") from None
             self.originals.put(image.sha256, original, group=image.id)
             return original
 
-        data, _ = await self._fetches.run(image.sha256, produce)
+        data = await self._fetches.run(image.sha256, produce)
         return data
 
 

@@ -199,7 +199,7 @@ class Ingest:
         existing = await self.catalog.find_live_by_sha256(owner, sha256)
         if existing is not None:
             return existing, False
-        probe = await self.pool.run(pipeline.probe, body.data, self.limits)
+        probe = await self.pool.submit(pipeline.probe, body.data, self.limits)
         await self.store.put(blob_key(sha256), body.data)
         record = ImageRecord(
             id=new_image_id(),

@@ -59,22 +59,10 @@ def check_shape(token: str) -> None:
         raise invalid_token("malformed token")
 
 
-def _audiences(aud: object) -> list[object]:
-    return [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-
-
-def _check_http_url(url: str, what: str) -> None:
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{what} must be an http(s) URL, got {url!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class IntrospectionConfig:
-    """RFC 7662 introspection at `url`, with HTTP Basic client credentials when `client_id` is set.
-
-    Active answers are cached for min(exp - now, ttl) seconds, inactive ones for `negative_ttl`;
-    errors are never cached. `audience`, when set, must appear in the answer's `aud`.
-    """
+    """RFC 7662 introspection at `url` (HTTP Basic client auth when `client_id` is set). Active answers are
+    cached for min(exp - now, ttl) s, inactive ones for `negative_ttl`, errors never; `audience` is checked if set."""
 
     url: str
     client_id: str | None = None
@@ -86,7 +74,8 @@ class IntrospectionConfig:
     max_entries: int = 100_000
 
     def __post_init__(self) -> None:
-        _check_http_url(self.url, "introspection url")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"the introspection url must be http(s), got {self.url!r}")
         if not (0 < self.ttl <= 3600 and 0 <= self.negative_ttl <= 60 and 0 < self.timeout <= 30):
             raise ValueError("need 0 < ttl <= 3600, 0 <= negative_ttl <= 60 and 0 < timeout <= 30")
         if self.max_entries < 1:
@@ -121,7 +110,7 @@ class IntrospectionVerifier:
             return hit[1]
         reason = self._inactive.get(key)
         if reason is None:
-            answer, _ = await self._flight.run(key, lambda: self._introspect(key, token))
+            answer = await self._flight.run(key, lambda: self._introspect(key, token))
             if isinstance(answer, Principal):
                 return answer
             reason = answer
@@ -157,7 +146,9 @@ class IntrospectionVerifier:
     def _judge(self, body: Mapping[str, Any]) -> Principal | str:
         if body["active"] is not True:
             return "token is not active"
-        if self.config.audience is not None and self.config.audience not in _audiences(body.get("aud")):
+        aud = body.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self.config.audience is not None and self.config.audience not in audiences:
             return "token is not meant for this audience"
         try:
             return principal_of(body.get("sub"), body.get("scope"))
@@ -188,7 +179,8 @@ class JwksConfig:
     require_typ: bool = True
 
     def __post_init__(self) -> None:
-        _check_http_url(self.url, "JWKS url")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"the JWKS url must be http(s), got {self.url!r}")
         if not self.issuer or not self.audience:
             raise ValueError("JWKS verification needs an issuer and an audience")
         if not self.algorithms or not set(self.algorithms) <= ASYMMETRIC.keys():
@@ -284,7 +276,7 @@ class JwksVerifier:
                 return current
             raise issuer_unavailable()
         try:
-            keys, _ = await self._flight.run("jwks", self._fetch)
+            keys = await self._flight.run("jwks", self._fetch)
             return keys
         except DependencyUnavailable:
             if current is not None and self._clock() < current.usable_until:
@@ -311,11 +303,7 @@ class JwksVerifier:
         entries = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(entries, list):
             raise ValueError("not a JWK Set")
-        keys: dict[str, jwt.PyJWK] = {}
-        for entry in entries[:MAX_KEYS]:
-            key = self._usable_key(entry)
-            if key is not None:
-                keys[entry["kid"]] = key
+        keys = {entry["kid"]: key for entry in entries[:MAX_KEYS] if (key := self._usable_key(entry)) is not None}
         if not keys:
             raise ValueError("no usable keys")
         return keys

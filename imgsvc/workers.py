@@ -6,7 +6,8 @@ work with 503 + Retry-After instead of letting latency and memory grow without b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import anyio
@@ -31,7 +32,12 @@ class WorkerPool:
     def waiting(self) -> int:
         return self._admitted - self.running
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold a place (running or queued) for a job, or refuse at once with 503 when none is left.
+
+        Callers take it before any costly preparation (reading an original), so a refusal is cheap.
+        """
         if self._admitted >= self.workers + self.queue:
             raise Overloaded(
                 f"all {self.workers} render workers are busy and {self.queue} renders are queued",
@@ -39,6 +45,14 @@ class WorkerPool:
             )
         self._admitted += 1
         try:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            yield
         finally:
             self._admitted -= 1
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run in a worker thread; the caller holds a place from `admit()`."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def submit(self, fn: Callable[..., T], *args: object) -> T:
+        with self.admit():
+            return await self.run(fn, *args)

@@ -137,7 +137,8 @@ async def test_if_none_match_answers_304_without_storage_or_libvips(client: http
         assert "content-type" not in response.headers
     assert renders(client) == 1
     stale = await client.get(f"/img/{image_id}?w=640&fmt=webp", headers={"If-None-Match": '"other"'})
-    assert stale.status_code == 404  # a real read now, and the blob is missing
+    assert stale.status_code == 500  # a real read now, and the blob is missing: a server fault, not cacheable
+    assert (stale.json()["type"], stale.headers["cache-control"]) == ("/problems/original-unavailable", "no-store")
 
 
 async def test_etag_differs_per_variant_and_is_stable(client: httpx.AsyncClient) -> None:

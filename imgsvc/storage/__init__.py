@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-from imgsvc.errors import PayloadTooLarge
-
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 
@@ -19,7 +17,7 @@ class BlobStore(Protocol):
         """Store durably; idempotent, since equal keys always mean equal bytes."""
 
     async def get(self, key: str, max_bytes: int) -> bytes:
-        """The blob's bytes; BlobNotFound if absent, PayloadTooLarge past max_bytes."""
+        """The blob's bytes; BlobNotFound if absent, BlobTooLarge past max_bytes."""
 
     async def exists(self, key: str) -> bool: ...
 
@@ -45,9 +43,13 @@ def validate_key(key: str) -> str:
     return key
 
 
+class BlobTooLarge(Exception):
+    """A stored blob is larger than the reader's cap (a corrupt or foreign object)."""
+
+
 def check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise PayloadTooLarge(f"blob of {size} bytes exceeds the {max_bytes}-byte cap")
+        raise BlobTooLarge(f"blob of {size} bytes exceeds the {max_bytes}-byte cap")
 
 
 async def open_store(url: str) -> BlobStore:

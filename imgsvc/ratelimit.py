@@ -1,0 +1,38 @@
+"""Per-subject token buckets: a flood from one caller meets 429 + Retry-After, the others never notice."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from cachetools import TTLCache
+
+from imgsvc.errors import RateLimited
+
+
+class RateLimiter:
+    """`per_minute` events per subject on average, with bursts of up to `burst`; 0 disables it."""
+
+    def __init__(
+        self, per_minute: int, burst: int | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst if burst is not None else per_minute)
+        self._clock = clock
+        # Idle buckets refill to full in burst/rate seconds; forgetting them after that changes nothing.
+        ttl = self.burst / self.rate if self.rate else 1.0
+        self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(maxsize=100_000, ttl=ttl, timer=clock)
+
+    def hit(self, subject: str) -> None:
+        if self.rate == 0:
+            return
+        now = self._clock()
+        tokens, last = self._buckets.get(subject, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            retry_after = math.ceil((1.0 - tokens) / self.rate)
+            raise RateLimited(
+                f"too many uploads: at most {self.rate * 60:g} a minute", headers={"Retry-After": str(retry_after)}
+            )
+        self._buckets[subject] = (tokens - 1.0, now)
