@@ -6,7 +6,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 from starlette.applications import Starlette
@@ -23,11 +23,13 @@ from imgsvc.config import ConfigError, Settings
 from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.headers import SECURITY, error_cache_control
+from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.signing import Keyring, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
 from imgsvc.storage import BlobStore, open_store
 from imgsvc.upload import Ingest
+from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
 from imgsvc.workers import WorkerPool
 
 log = logging.getLogger("imgsvc")
@@ -44,7 +46,7 @@ class Services:
     renderer: Renderer
     ingest: Ingest
     spec_limits: SpecLimits
-    presets: dict[str, PresetItems] = field(default_factory=dict)
+    upload_limiter: RateLimiter
     draining: bool = False
 
 
@@ -62,6 +64,33 @@ def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
         timeout_seconds=settings.render_timeout,
         max_output_dim=settings.max_output_dim,
     )
+
+
+def build_verifier(settings: Settings) -> Verifier:
+    if settings.auth == "introspect":
+        assert settings.auth_introspect_url is not None  # Settings.check guarantees it
+        return IntrospectionVerifier(
+            IntrospectionConfig(
+                url=settings.auth_introspect_url,
+                client_id=settings.auth_client_id,
+                client_secret=settings.auth_client_secret,
+                audience=settings.auth_audience,
+                ttl=settings.auth_cache_ttl,
+            )
+        )
+    if settings.auth == "jwks":
+        assert settings.auth_jwks_url and settings.auth_issuer and settings.auth_audience
+        try:
+            config = JwksConfig(
+                url=settings.auth_jwks_url,
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+                algorithms=settings.auth_algorithms,
+            )
+        except ValueError as exc:
+            raise ConfigError([f"IMGSVC_AUTH_ALGORITHMS: {exc}"]) from None
+        return JwksVerifier(config)
+    return NoAuth()
 
 
 def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy:
@@ -89,7 +118,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         await catalog.migrate()
         store = await open_store(settings.effective_storage_url)
         stack.push_async_callback(store.close)
-        verifier: Verifier = NoAuth()
+        verifier = build_verifier(settings)
         stack.push_async_callback(verifier.close)
         pool = WorkerPool(settings.workers, settings.render_queue)
         limits = pipeline_limits(settings)
@@ -110,7 +139,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             renderer=renderer,
             ingest=Ingest(catalog, store, pool, limits),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
-            presets=presets,
+            upload_limiter=RateLimiter(settings.upload_rate),
         )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-AuthMode = Literal["none"]  # delegated verification (introspect, jwks) arrives with the auth work
+AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 DEFAULT_WIDTHS = (16, 32, 48, 64, 96, 128, 256, 384, 640, 750, 828, 1080, 1200, 1920, 2048, 3840)
@@ -87,9 +87,22 @@ def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _storage_url(text: str) -> str:
-    if not text.startswith(("file://", "s3://", "postgres:")):
-        raise ValueError(f"expected file:///path, s3://bucket/prefix or postgres:, got {text!r}")
+    if not text.startswith("file://"):
+        raise ValueError(f"expected file:///path (the S3 and Postgres stores are not built yet), got {text!r}")
     return text
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise ValueError("needs at least one name")
+    return names
 
 
 def _database_url(text: str) -> str:
@@ -116,7 +129,7 @@ class Settings:
         secret=True,
     )
     storage_url: str | None = _setting(
-        None, "Blob store: file:///path, s3://bucket/prefix or postgres:; unset means file://<data dir>/blobs.",
+        None, "Blob store: file:///path; unset means file://<data dir>/blobs.",
         parse=_storage_url,
     )
     public_url: str | None = _setting(
@@ -124,8 +137,30 @@ class Settings:
     )
     auth: AuthMode = _setting(
         "none",
-        "Token verification: none (every caller is 'anonymous'; loopback only).",
+        "Token verification: introspect (ask the main app), jwks (verify locally with its keys), or none "
+        "(every caller is 'anonymous'; loopback only).",
         parse=_choice(get_args(AuthMode)),
+    )
+    auth_introspect_url: str | None = _setting(None, "The main app's RFC 7662 introspection endpoint.", parse=_url)
+    auth_client_id: str | None = _setting(None, "Client id imgsvc presents to the introspection endpoint.")
+    auth_client_secret: str | None = _setting(
+        None, "Client secret imgsvc presents to the introspection endpoint.", secret=True
+    )
+    auth_cache_ttl: float = _setting(
+        60.0, "Longest time an active introspection answer is reused (also capped by the token's exp).",
+        parse=_float(1, 3600),
+    )
+    auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=_url)
+    auth_issuer: str | None = _setting(None, "Required `iss` of tokens (auth=jwks).")
+    auth_audience: str | None = _setting(
+        None, "Required `aud` of tokens: this service's name at the main app (required for jwks)."
+    )
+    auth_algorithms: tuple[str, ...] = _setting(
+        ("EdDSA", "ES256", "RS256"), "Accepted JWT algorithms, asymmetric only (auth=jwks).", parse=_names
+    )
+    upload_rate: int = _setting(
+        60, "Uploads per minute per subject (bursts up to the same number); 0 disables the limit.",
+        parse=_int(0, 1_000_000),
     )
     signing_keys: tuple[tuple[str, str], ...] = _setting(
         (), "Render URL signing keys as kid:secret,...; the first signs, all verify.", parse=_signing_keys, secret=True
@@ -195,6 +230,14 @@ class Settings:
         problems = []
         if self.auth == "none" and not is_loopback(self.host):
             problems.append("IMGSVC_AUTH: 'none' is only allowed when IMGSVC_HOST is a loopback address")
+        if self.auth == "introspect" and not self.auth_introspect_url:
+            problems.append("IMGSVC_AUTH_INTROSPECT_URL: required when IMGSVC_AUTH=introspect")
+        if self.auth == "jwks":
+            problems.extend(
+                f"{env_name(name)}: required when IMGSVC_AUTH=jwks"
+                for name in ("auth_jwks_url", "auth_issuer", "auth_audience")
+                if not getattr(self, name)
+            )
         if self.require_signed and not self.signing_keys:
             problems.append("IMGSVC_REQUIRE_SIGNED: needs IMGSVC_SIGNING_KEYS")
         return problems

@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from imgsvc import pipeline
-from imgsvc.auth import Principal, authenticate, authorize
+from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
-from imgsvc.errors import Forbidden, InvalidParameter, NotFound
+from imgsvc.errors import InvalidParameter, NotFound
 from imgsvc.headers import NO_STORE, SECURITY, render_headers
 from imgsvc.spec import parse_query
 from imgsvc.upload import read_body, upload_options
@@ -65,7 +65,7 @@ def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
             "self": f"{svc.settings.effective_public_url}/images/{image.id}",
             "original": f"{svc.settings.effective_public_url}/images/{image.id}/original",
             "render": base,
-            **{name: f"{base}?p={name}" for name in svc.presets},
+            **{name: f"{base}?p={name}" for name in svc.spec_limits.presets},
         },
         "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths),
     }
@@ -75,6 +75,8 @@ async def upload_image(request: Request) -> Response:
     svc = services(request)
     principal = await _principal(request)
     authorize(principal, "images:write")
+    if "images:admin" not in principal.scopes:
+        svc.upload_limiter.hit(principal.subject)
     body = await read_body(
         request.headers.get("content-type", ""),
         request.headers.get("content-length"),
@@ -89,8 +91,7 @@ async def upload_image(request: Request) -> Response:
 
 async def get_image(request: Request) -> Response:
     principal = await _principal(request)
-    authorize(principal, "images:read")
-    image = await _owned_image(request, principal)
+    image = await _owned_image(request, principal, "images:read")
     return _json(image_json(request, image))
 
 
@@ -120,8 +121,7 @@ async def list_images(request: Request) -> Response:
 async def get_original(request: Request) -> Response:
     svc = services(request)
     principal = await _principal(request)
-    authorize(principal, "images:read")
-    image = await _owned_image(request, principal)
+    image = await _owned_image(request, principal, "images:read")
     data = await svc.renderer.fetch_original(image)
     extension = {"jpeg": "jpg", "heif": "heic"}.get(image.format, image.format)
     filename = image.original_filename or f"{image.id}.{extension}"
@@ -140,8 +140,7 @@ async def get_original(request: Request) -> Response:
 async def delete_image(request: Request) -> Response:
     svc = services(request)
     principal = await _principal(request)
-    image = await _owned_image(request, principal)
-    authorize(principal, "images:write", image)
+    image = await _owned_image(request, principal, "images:write")
     deleted = await svc.catalog.soft_delete(image.id)
     if deleted is None:
         raise NotFound(f"no image {image.id!r}")
@@ -203,12 +202,13 @@ async def readyz(request: Request) -> Response:
     )
 
 
-async def _owned_image(request: Request, principal: Principal) -> ImageRecord:
+async def _owned_image(request: Request, principal: Principal, scope: Scope) -> ImageRecord:
+    """The live image of the path, if the principal holds `scope` and owns it (or is admin)."""
+    authorize(principal, scope)
     image = await services(request).catalog.get(request.path_params["id"])
     if image is None:
         raise NotFound(f"no image {request.path_params['id']!r}")
-    if image.owner != principal.subject and "images:admin" not in principal.scopes:
-        raise Forbidden("this image belongs to someone else")
+    authorize(principal, scope, image)
     return image
 
 

@@ -55,6 +55,10 @@ class NotFound(ImgsvcError):
     status, slug, title = 404, "not-found", "Not found"
 
 
+class Conflict(ImgsvcError):
+    status, slug, title = 409, "conflict", "Conflicts with an existing image"
+
+
 class PayloadTooLarge(ImgsvcError):
     status, slug, title = 413, "payload-too-large", "Upload too large"
 

@@ -18,7 +18,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from imgsvc import pipeline
 from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
-from imgsvc.errors import BadRequest, InvalidParameter, PayloadTooLarge, UnsupportedFormat
+from imgsvc.errors import BadRequest, Conflict, InvalidParameter, PayloadTooLarge, UnsupportedFormat
 from imgsvc.storage import BlobStore, blob_key
 from imgsvc.workers import WorkerPool
 
@@ -198,7 +198,7 @@ class Ingest:
         sha256 = hashlib.sha256(body.data).hexdigest()
         existing = await self.catalog.find_live_by_sha256(owner, sha256)
         if existing is not None:
-            return existing, False
+            return same_options(existing, options), False
         probe = await self.pool.submit(pipeline.probe, body.data, self.limits)
         await self.store.put(blob_key(sha256), body.data)
         record = ImageRecord(
@@ -216,4 +216,17 @@ class Ingest:
             original_filename=sanitize_filename(body.filename),
             created_at=datetime.now(UTC),
         )
-        return await self.catalog.insert_or_existing(record)
+        stored, created = await self.catalog.insert_or_existing(record)
+        return (stored if created else same_options(stored, options)), created
+
+
+def same_options(existing: ImageRecord, options: UploadOptions) -> ImageRecord:
+    """A repeated upload returns the existing image, unless it asked for other options: silently keeping
+    an image public that the caller wanted private would be worse than a clear 409."""
+    if (existing.category, existing.visibility) != (options.category, options.visibility):
+        raise Conflict(
+            f"you already uploaded these bytes as image {existing.id} with category {existing.category!r} and "
+            f"visibility {existing.visibility}; delete it first to upload them with other options",
+            param="visibility" if existing.visibility != options.visibility else "category",
+        )
+    return existing
