@@ -8,13 +8,9 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,77 +23,7 @@ from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
 from imgsvc.errors import DependencyUnavailable, Unauthorized
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
-from tests.conftest import REPO, free_port
-
-AUDIENCE = "imgsvc"
-CLIENT_ID, CLIENT_SECRET = "imgsvc", "introspection-secret"
-
-
-class MainApp:
-    """`python -m mainapp` on a free loopback port, driven synchronously from the tests."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.issuer = self.url
-        self.log_path = log_path
-        self.http = httpx.Client(base_url=self.url, timeout=10)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> MainApp:
-        args = ["--host", "127.0.0.1", "--port", str(self.port), "--audience", AUDIENCE]
-        args += ["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mainapp", *args], cwd=REPO, env=os.environ, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mainapp exited with {self.proc.returncode}:\n{self.log_path.read_text()[-2000:]}")
-            try:
-                if self.http.get("/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mainapp not ready after {timeout}s:\n{self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-            self.proc = None
-
-    def token(self, sub: str | None = "alice", scope: str = "images:read images:write", **extra: Any) -> str:
-        body: dict[str, Any] = {"scope": scope, **extra} | ({"sub": sub} if sub is not None else {})
-        response = self.http.post("/token", json=body)
-        response.raise_for_status()
-        return str(response.json()["access_token"])
-
-    def stats(self) -> dict[str, int]:
-        return dict(self.http.get("/stats").json())
-
-    def fail(self, mode: str) -> None:
-        self.http.post("/admin/fail", params={"mode": mode}).raise_for_status()
-
-    def rotate(self) -> str:
-        return str(self.http.post("/admin/rotate").json()["kid"])
-
-    def retire(self, kid: str) -> None:
-        self.http.post(f"/admin/retire/{kid}").raise_for_status()
-
-    def revoke(self, token: str) -> None:
-        self.http.post("/revoke", data={"token": token}, auth=(CLIENT_ID, CLIENT_SECRET)).raise_for_status()
-
-    def jwks(self) -> dict[str, Any]:
-        return dict(self.http.get("/.well-known/jwks.json").json())
+from tests.conftest import AUDIENCE, CLIENT_ID, CLIENT_SECRET, MainApp
 
 
 class Clock:
@@ -111,13 +37,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture(scope="module")
-def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainApp]:
-    app = MainApp(tmp_path_factory.mktemp("mainapp") / "mainapp.log").start()
-    yield app
-    app.stop()
 
 
 @pytest.fixture(autouse=True)
