@@ -32,6 +32,7 @@ bench: $(VENV)/.test-deps
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	cd benchmarks && ../$(BIN)/python foundation.py
 	cd benchmarks && ../$(BIN)/python render.py
+	cd benchmarks && ../$(BIN)/python auth.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache

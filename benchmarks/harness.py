@@ -25,8 +25,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(command: list[str], env: dict[str, str], url: str, log: Path) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a server in its own process group; return it and the seconds until /readyz answered 200."""
+def start(
+    command: list[str], env: dict[str, str], url: str, log: Path, ready_path: str = "/readyz"
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server in its own process group; return it and the seconds until `ready_path` answered 200."""
     began = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -36,7 +38,7 @@ def start(command: list[str], env: dict[str, str], url: str, log: Path) -> tuple
         if proc.poll() is not None:
             sys.exit(f"server exited early, see {log}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{ready_path}", timeout=1).status_code == 200:
                 return proc, time.monotonic() - began
         except httpx.HTTPError:
             pass
