@@ -6,7 +6,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anyio
 from starlette.applications import Starlette
@@ -25,29 +24,15 @@ from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.headers import SECURITY, error_cache_control
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
+from imgsvc.services import Services
 from imgsvc.signing import Keyring, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
-from imgsvc.storage import BlobStore, open_store
+from imgsvc.storage import open_store
 from imgsvc.upload import Ingest
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
 from imgsvc.workers import WorkerPool
 
 log = logging.getLogger("imgsvc")
-
-
-@dataclass(slots=True)
-class Services:
-    """What the handlers reach through `request.app.state.services`."""
-
-    settings: Settings
-    catalog: Catalog
-    store: BlobStore
-    verifier: Verifier
-    renderer: Renderer
-    ingest: Ingest
-    spec_limits: SpecLimits
-    upload_limiter: RateLimiter
-    draining: bool = False
 
 
 def load_presets(settings: Settings) -> dict[str, PresetItems]:

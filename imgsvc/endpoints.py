@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from imgsvc import pipeline
 from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import InvalidParameter, NotFound
-from imgsvc.headers import NO_STORE, SECURITY, render_headers
+from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, render_headers
+from imgsvc.services import Services
 from imgsvc.spec import parse_query
 from imgsvc.upload import read_body, upload_options
 
-if TYPE_CHECKING:
-    from imgsvc.app import Services
-
 API_CACHE_CONTROL = "private, no-cache"
-SOURCE_MEDIA_TYPES = {
-    "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
-    "avif": "image/avif", "heif": "image/heif", "tiff": "image/tiff",
-}  # fmt: skip
 MAX_LIST_LIMIT = 100
 
 
@@ -128,7 +121,7 @@ async def get_original(request: Request) -> Response:
     ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
     return Response(
         data,
-        media_type=SOURCE_MEDIA_TYPES.get(image.format, "application/octet-stream"),
+        media_type=MEDIA_TYPES.get(image.format, "application/octet-stream"),
         headers={
             "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}",
             "Cache-Control": "private, no-store",
@@ -161,7 +154,7 @@ async def render_image(request: Request) -> Response:
     )
     headers = render_headers(
         etag=variant.etag,
-        media_type=pipeline.MEDIA_TYPES[variant.format],
+        media_type=MEDIA_TYPES[variant.format],
         public=variant.public,
         cache_control=variant.cache_control,
         vary_accept=variant.vary_accept,

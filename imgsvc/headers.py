@@ -20,6 +20,10 @@ SECURITY = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "script-src 'none'; frame-src 'none'; sandbox;",
 }
+MEDIA_TYPES = {
+    "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
+    "avif": "image/avif", "heif": "image/heif", "tiff": "image/tiff",
+}  # fmt: skip
 _ETAG_ITEM = re.compile(r'\s*(W/)?("[^"]*"|\*)\s*(,|$)')
 
 

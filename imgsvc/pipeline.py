@@ -5,9 +5,8 @@ Pure and synchronous, for worker threads; `configure_libvips()` (imgsvc.vips_set
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Literal
 
 import pyvips
@@ -17,7 +16,6 @@ from imgsvc.spec import DEFAULT_QUALITY, Gravity, OutputFormat, SourceFormat, Tr
 from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
 
 __all__ = [
-    "MEDIA_TYPES",
     "PIPELINE_VERSION",
     "PipelineLimits",
     "Probe",
@@ -30,10 +28,6 @@ __all__ = [
 
 # Bump the leading number whenever output bytes could change (encoder settings, geometry, colour handling).
 PIPELINE_VERSION = f"1-vips{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
-
-MEDIA_TYPES: Mapping[OutputFormat, str] = MappingProxyType(
-    {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif", "gif": "image/gif"}
-)
 
 # Encoder speed settings, measured on this machine (2 cores, libvips 8.18.7) encoding the 4000x3000 photo
 # resized to 640x480 (in brackets: 1280x960), median of 3-5 runs, size and PSNR against the resized input:
