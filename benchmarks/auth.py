@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from harness import IMAGES, free_port, ms, start, start_imgsvc, stop, timed, wrk
+from harness import IMAGES, free_port, ms, print_table, start, start_imgsvc, stop, timed, wrk
 
 from imgsvc.client import RenderUrls
 
@@ -78,9 +78,7 @@ def main() -> None:
             for proc, _ in servers.values():
                 stop(proc)
             stop(mainapp)
-    print(f"\n| figure ({os.cpu_count()} cores) | p50 (p90) or rate | added / latency |\n|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table((f"figure ({os.cpu_count()} cores)", "p50 (p90) or rate", "added / latency"), rows)
 
 
 if __name__ == "__main__":

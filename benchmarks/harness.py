@@ -86,3 +86,9 @@ def wrk(url: str, connections: int, seconds: int = 10) -> tuple[float, str]:
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return rps, f"p50 {p50}, p99 {p99}, non-2xx {errors.group(1) if errors else 0}"
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pyvips
-from harness import IMAGES, ms, start_imgsvc, stop, timed, wrk
+from harness import IMAGES, ms, print_table, start_imgsvc, stop, timed, wrk
 
 from imgsvc import pipeline
 from imgsvc.spec import TransformSpec
@@ -78,9 +78,7 @@ def main() -> None:
         finally:
             stop(cached)
             stop(uncached)
-    print(f"\n| variant | figure ({os.cpu_count()} cores) | value |\n|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(("variant", f"figure ({os.cpu_count()} cores)", "value"), rows)
 
 
 if __name__ == "__main__":

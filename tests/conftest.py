@@ -91,6 +91,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; raise with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
 class ServerProcess:
     """`python -m imgsvc serve` as a real process on loopback, with a bounded wait for readiness."""
 
@@ -108,19 +123,13 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "imgsvc", "serve"], env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"imgsvc exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    self.ready_after = time.monotonic() - started
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"imgsvc not ready after {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            wait_until_ready(self.proc, f"{self.url}/readyz", self.log_path, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        self.ready_after = time.monotonic() - started
+        return self
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
@@ -174,18 +183,12 @@ class MainApp:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mainapp", *args], cwd=REPO, env=os.environ, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mainapp exited with {self.proc.returncode}:\n{self.log_path.read_text()[-2000:]}")
-            try:
-                if self.http.get("/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mainapp not ready after {timeout}s:\n{self.log_path.read_text()[-2000:]}")
+        try:
+            wait_until_ready(self.proc, f"{self.url}/healthz", self.log_path, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         self.http.close()
