@@ -101,7 +101,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         catalog = await Catalog.connect(dsn)
         stack.push_async_callback(catalog.close)
         await catalog.migrate()
-        store = await open_store(settings.effective_storage_url)
+        store = await open_store(settings.effective_storage_url, pool=catalog.pool)
         stack.push_async_callback(store.close)
         verifier = build_verifier(settings)
         stack.push_async_callback(verifier.close)

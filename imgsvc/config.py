@@ -87,8 +87,8 @@ def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _storage_url(text: str) -> str:
-    if not text.startswith("file://"):
-        raise ValueError(f"expected file:///path (the S3 and Postgres stores are not built yet), got {text!r}")
+    if not (text.startswith("file:///") or text == "postgres:"):
+        raise ValueError(f"expected file:///absolute/path or postgres: (S3 is not built yet), got {text!r}")
     return text
 
 
@@ -129,7 +129,8 @@ class Settings:
         secret=True,
     )
     storage_url: str | None = _setting(
-        None, "Blob store: file:///path; unset means file://<data dir>/blobs.",
+        None, "Blob store: file:///path, or postgres: (bytea rows in the catalog database); "
+        "unset means file://<data dir>/blobs.",
         parse=_storage_url,
     )
     public_url: str | None = _setting(

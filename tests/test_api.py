@@ -226,3 +226,15 @@ async def test_wrong_method_is_405_problem(client: httpx.AsyncClient) -> None:
     response = await client.put("/images")
     assert response.status_code == 405
     assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_postgres_blob_store_serves_uploads_and_renders(settings) -> None:
+    async with app_client(with_settings(settings, storage_url="postgres:")) as client:
+        created = await upload(client, PNG_ALPHA)
+        assert created.status_code == 201
+        image_id = created.json()["id"]
+        original = await client.get(f"/images/{image_id}/original")
+        assert original.content == PNG_ALPHA.read_bytes()
+        rendered = await client.get(f"/img/{image_id}", params={"w": "64", "fmt": "webp"})
+        assert decode(rendered.content).width == 64
+        assert (await client.get("/readyz")).json()["checks"]["storage"] == "ok"

@@ -6,7 +6,10 @@ Keys are content addresses (`sha256/<aa>/<bb>/<hex>`); a blob never changes once
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import asyncpg
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
@@ -52,9 +55,16 @@ def check_size(size: int, max_bytes: int) -> None:
         raise BlobTooLarge(f"blob of {size} bytes exceeds the {max_bytes}-byte cap")
 
 
-async def open_store(url: str) -> BlobStore:
+async def open_store(url: str, *, pool: asyncpg.Pool | None = None) -> BlobStore:
+    """The store a URL names: `file:///path`, or `postgres:` (the catalog database, through `pool`)."""
     if url.startswith("file://"):
         from imgsvc.storage.fs import FilesystemStore
 
         return FilesystemStore(url.removeprefix("file://"))
+    if url == "postgres:":
+        from imgsvc.storage.pg import PostgresStore
+
+        if pool is None:
+            raise ValueError("the postgres: store needs the catalog's connection pool")
+        return PostgresStore(pool)
     raise ValueError(f"unsupported storage URL: {url!r}")

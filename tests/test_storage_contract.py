@@ -1,0 +1,117 @@
+"""One contract for every blob store: the same tests run against each backend, each a real one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgsvc.catalog import Catalog
+from imgsvc.errors import BlobNotFound
+from imgsvc.storage import BlobStore, BlobTooLarge, blob_key, open_store
+
+BACKENDS = ["fs", "pg"]
+Opener = Callable[[], Any]
+
+
+@pytest.fixture(params=BACKENDS)
+async def opener(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> AsyncIterator[Opener]:
+    """A function opening a fresh handle on one and the same store, so tests can close and reopen it."""
+    catalogs: list[Catalog] = []
+    if request.param == "fs":
+
+        async def open_fs() -> BlobStore:
+            return await open_store(f"file://{tmp_path / 'blobs'}")
+
+        yield open_fs
+    else:
+
+        async def open_pg() -> BlobStore:
+            catalog = await Catalog.connect(database_url, max_size=30)
+            catalogs.append(catalog)
+            await catalog.migrate()
+            return await open_store("postgres:", pool=catalog.pool)
+
+        yield open_pg
+    for catalog in catalogs:
+        with contextlib.suppress(Exception):
+            await catalog.close()
+
+
+@pytest.fixture
+async def store(opener: Opener) -> AsyncIterator[BlobStore]:
+    handle = await opener()
+    yield handle
+    await handle.close()
+
+
+def key_of(data: bytes) -> str:
+    return blob_key(hashlib.sha256(data).hexdigest())
+
+
+async def test_round_trip(store: BlobStore) -> None:
+    data = os.urandom(300_000)
+    await store.put(key_of(data), data)
+    assert await store.get(key_of(data), len(data)) == data
+    assert await store.exists(key_of(data))
+
+
+async def test_missing_blob_is_blob_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFound):
+        await store.get(key_of(b"never stored"), 1000)
+    assert not await store.exists(key_of(b"never stored"))
+
+
+async def test_reads_stop_at_the_byte_cap(store: BlobStore) -> None:
+    data = os.urandom(10_000)
+    await store.put(key_of(data), data)
+    with pytest.raises(BlobTooLarge):
+        await store.get(key_of(data), 9_999)
+    assert await store.get(key_of(data), 10_000) == data
+
+
+@pytest.mark.parametrize(
+    "key", ["../etc/passwd", "sha256/../../x", "/abs/path", "a//b", "a/./b", "", "a\x00b", "a/b/", "é", "a" * 600]
+)
+async def test_traversal_looking_keys_are_refused(store: BlobStore, key: str) -> None:
+    for operation in (store.put(key, b"x"), store.get(key, 10), store.exists(key), store.delete(key)):
+        with pytest.raises(ValueError):
+            await operation
+
+
+async def test_concurrent_writers_of_one_key(store: BlobStore) -> None:
+    data = os.urandom(200_000)
+    await asyncio.gather(*(store.put(key_of(data), data) for _ in range(20)))
+    assert await store.get(key_of(data), len(data)) == data
+
+
+async def test_a_blob_survives_closing_and_reopening_the_store(opener: Opener) -> None:
+    data = os.urandom(50_000)
+    first = await opener()
+    await first.put(key_of(data), data)
+    await first.close()
+    second = await opener()
+    try:
+        assert await second.get(key_of(data), len(data)) == data
+    finally:
+        await second.close()
+
+
+async def test_delete_is_idempotent(store: BlobStore) -> None:
+    data = os.urandom(1000)
+    await store.put(key_of(data), data)
+    await store.delete(key_of(data))
+    await store.delete(key_of(data))
+    assert not await store.exists(key_of(data))
+    with pytest.raises(BlobNotFound):
+        await store.get(key_of(data), 1000)
+
+
+async def test_check_passes_on_a_working_store(store: BlobStore) -> None:
+    await store.check()
