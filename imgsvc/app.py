@@ -22,6 +22,7 @@ from imgsvc.config import ConfigError, Settings
 from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.headers import SECURITY, error_cache_control
+from imgsvc.invalidation import DeleteListener
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.services import Services
@@ -116,6 +117,9 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             variant_cache_bytes=settings.cache_bytes,
             original_cache_bytes=settings.originals_cache_bytes,
         )
+        listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
+        await listener.start()
+        stack.push_async_callback(listener.stop)
         yield Services(
             settings=settings,
             catalog=catalog,
@@ -125,6 +129,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             ingest=Ingest(catalog, store, pool, limits),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
             upload_limiter=RateLimiter(settings.upload_rate),
+            listener=listener,
         )
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger("imgsvc.catalog")
 Visibility = Literal["public", "private"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]+$")
+DELETES_CHANNEL = "imgsvc_deleted"
 _MIGRATION_LOCK = 0x696D6773  # advisory lock id ("imgs"): one replica migrates at a time
 
 
@@ -185,9 +186,12 @@ class Catalog:
     async def soft_delete(self, image_id: str) -> ImageRecord | None:
         if not is_image_id(image_id):
             return None
-        row = await self.pool.fetchrow(
-            f"UPDATE images SET deleted_at = clock_timestamp() WHERE id = $1 AND deleted_at IS NULL "
-            f"RETURNING {_COLUMNS}",
-            image_id,
-        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE images SET deleted_at = clock_timestamp() WHERE id = $1 AND deleted_at IS NULL "
+                f"RETURNING {_COLUMNS}",
+                image_id,
+            )
+            if row is not None:  # delivered to every replica's listener when this transaction commits
+                await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, image_id)
         return _record(row) if row else None

@@ -137,7 +137,7 @@ async def delete_image(request: Request) -> Response:
     deleted = await svc.catalog.soft_delete(image.id)
     if deleted is None:
         raise NotFound(f"no image {image.id!r}")
-    svc.renderer.forget(deleted)
+    svc.renderer.forget(deleted.id)
     return Response(status_code=204, headers={"Cache-Control": NO_STORE})
 
 

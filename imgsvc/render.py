@@ -69,25 +69,34 @@ class Renderer:
         # Ids deleted here, remembered as long as a record could be cached, so that a lookup which
         # raced the delete cannot put the record back.
         self.deleted: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
+        # Cached records are only trusted while deletes reach this replica (the delete listener is up).
+        self.records_trusted = False
         self._renders: SingleFlight[str, bytes] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
         self.renders_started = 0
 
     async def lookup(self, image_id: str) -> ImageRecord:
-        image = self.records.get(image_id)
+        image = self.records.get(image_id) if self.records_trusted else None
         if image is None:
             image = await self.catalog.get(image_id)
             if image is None or image_id in self.deleted:
                 raise NotFound(f"no image {image_id!r}")
-            self.records[image_id] = image
+            if self.records_trusted:
+                self.records[image_id] = image
         return image
 
-    def forget(self, image: ImageRecord) -> None:
-        """Evict everything held for a deleted image."""
-        self.deleted[image.id] = True
-        self.records.pop(image.id, None)
-        self.variants.evict_group(image.id)
-        self.originals.evict_group(image.id)
+    def forget(self, image_id: str) -> None:
+        """Evict everything held for a deleted image (deleted here, or on another replica)."""
+        self.deleted[image_id] = True
+        self.records.pop(image_id, None)
+        self.variants.evict_group(image_id)
+        self.originals.evict_group(image_id)
+
+    def trust_records(self, trusted: bool) -> None:
+        """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
+        if trusted and not self.records_trusted:
+            self.records.clear()
+        self.records_trusted = trusted
 
     async def render(
         self,

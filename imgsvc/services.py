@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from imgsvc.auth import Verifier
 from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
+from imgsvc.invalidation import DeleteListener
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.spec import SpecLimits
@@ -24,4 +25,5 @@ class Services:
     ingest: Ingest
     spec_limits: SpecLimits
     upload_limiter: RateLimiter
+    listener: DeleteListener
     draining: bool = False

@@ -13,7 +13,7 @@ LAYERS = [
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations"},
     {"storage", "catalog", "pipeline", "client"},
     {"auth", "upload"},
-    {"verifiers", "render"},
+    {"verifiers", "render", "invalidation"},
     {"services"},
     {"endpoints"},
     {"app"},

@@ -1,0 +1,67 @@
+"""Many replicas over one catalog and one store: a delete on one is a 404 on every other within a second,
+even for variants in their LRU and even after their listener connection was cut."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import httpx
+
+from imgsvc.config import Settings
+from tests.conftest import FLICKR, PNG_ALPHA, app_client
+
+
+async def wait_for_status(client: httpx.AsyncClient, url: str, status: int, within: float = 1.0) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < within:
+        if (await client.get(url)).status_code == status:
+            return time.monotonic() - began
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{url} did not answer {status} within {within} s")
+
+
+async def test_delete_on_one_replica_is_404_on_the_other_within_a_second(settings: Settings) -> None:
+    async with app_client(settings) as a, app_client(settings) as b:
+        created = await a.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        image_id = created.json()["id"]
+        url = f"/img/{image_id}?w=128&fmt=webp"
+        assert (await b.get(url)).status_code == 200
+        assert (await b.get(url)).headers["x-cache"] == "hit"  # B holds the record and the variant
+        assert (await a.delete(f"/images/{image_id}")).status_code == 204
+        elapsed = await wait_for_status(b, url, 404)
+        assert elapsed < 1.0
+        renderer = b.app.state.services.renderer  # type: ignore[attr-defined]
+        assert len(renderer.variants) == 0
+
+
+async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recovers(
+    settings: Settings, database_url: str
+) -> None:
+    async with app_client(settings) as a, app_client(settings) as b:
+        ids = []
+        for path in (FLICKR, PNG_ALPHA):
+            created = await a.post("/images", content=path.read_bytes(), headers={"Content-Type": "image/*"})
+            ids.append(created.json()["id"])
+        for image_id in ids:
+            assert (await b.get(f"/img/{image_id}?w=64")).status_code == 200
+        admin = await asyncpg.connect(database_url)
+        try:
+            # Cut B's listening connection from the server side, as a network fault or failover would.
+            pid = b.app.state.services.listener.connection.get_server_pid()  # type: ignore[attr-defined]
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            # The delete happens while B cannot hear it; B must still answer 404.
+            assert (await a.delete(f"/images/{ids[0]}")).status_code == 204
+            await wait_for_status(b, f"/img/{ids[0]}?w=64", 404, within=2.0)
+            assert (await b.get(f"/img/{ids[1]}?w=64")).status_code == 200
+            # B reconnects by itself and hears deletes again.
+            began = time.monotonic()
+            while b.app.state.services.listener.reconnects == 0 and time.monotonic() - began < 10:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.05)
+            assert b.app.state.services.listener.reconnects >= 1  # type: ignore[attr-defined]
+            assert (await b.get(f"/img/{ids[1]}?w=64")).status_code == 200
+            assert (await a.delete(f"/images/{ids[1]}")).status_code == 204
+            assert await wait_for_status(b, f"/img/{ids[1]}?w=64", 404) < 1.0
+        finally:
+            await admin.close()
