@@ -28,7 +28,7 @@ from imgsvc.render import Renderer
 from imgsvc.services import Services
 from imgsvc.signing import Keyring, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
-from imgsvc.storage import open_store
+from imgsvc.storage import BlobStore, open_store
 from imgsvc.upload import Ingest
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
 from imgsvc.workers import WorkerPool
@@ -88,11 +88,8 @@ def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy
 
 
 @contextlib.asynccontextmanager
-async def build_services(settings: Settings) -> AsyncIterator[Services]:
-    """Start every dependency in order and stop them in reverse, whatever happens in between."""
-    presets = load_presets(settings)
-    version = pipeline.configure_libvips()
-    log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
+async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, BlobStore]]:
+    """The catalog (embedded Postgres unless a DSN is set; migrated) and the blob store: (dsn, catalog, store)."""
     async with contextlib.AsyncExitStack() as stack:
         dsn = settings.database_url
         if dsn is None:
@@ -104,6 +101,17 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         await catalog.migrate()
         store = await open_store(settings.effective_storage_url, pool=catalog.pool)
         stack.push_async_callback(store.close)
+        yield dsn, catalog, store
+
+
+@contextlib.asynccontextmanager
+async def build_services(settings: Settings) -> AsyncIterator[Services]:
+    """Start every dependency in order and stop them in reverse, whatever happens in between."""
+    presets = load_presets(settings)
+    version = pipeline.configure_libvips()
+    log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
+    async with contextlib.AsyncExitStack() as stack:
+        dsn, catalog, store = await stack.enter_async_context(open_storage(settings))
         verifier = build_verifier(settings)
         stack.push_async_callback(verifier.close)
         pool = WorkerPool(settings.workers, settings.render_queue)

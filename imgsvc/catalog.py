@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -128,9 +130,33 @@ class Catalog:
                 log.info("applied migration %s", version)
         return applied
 
-    async def insert_or_existing(self, record: ImageRecord, attempts: int = 3) -> tuple[ImageRecord, bool]:
+    @contextlib.asynccontextmanager
+    async def blob_lock(self, sha256: str) -> AsyncIterator[asyncpg.Connection]:
+        """Hold the blob's advisory lock: uploads (store + record) and garbage collection (check + delete)
+        of the same bytes never interleave. Use the yielded connection inside, so the lock never waits on
+        the pool it holds a connection of."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", sha256)
+            try:
+                yield conn
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", sha256)
+
+    async def references(self, conn: asyncpg.Connection, sha256: str) -> tuple[int, datetime | None]:
+        """(live images of these bytes, when the last deleted one was deleted)."""
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE deleted_at IS NULL) AS live, max(deleted_at) AS last_deleted "
+            "FROM images WHERE sha256 = $1",
+            sha256,
+        )
+        return int(row["live"]), row["last_deleted"]
+
+    async def insert_or_existing(
+        self, record: ImageRecord, conn: asyncpg.Connection | None = None, attempts: int = 3
+    ) -> tuple[ImageRecord, bool]:
         """Insert a new image, or return the owner's live image of the same bytes (created=False)."""
-        row = await self.pool.fetchrow(
+        db = conn or self.pool
+        row = await db.fetchrow(
             f"""INSERT INTO images (id, sha256, owner, category, visibility, format, width, height, bytes,
                                     frames, has_alpha, original_filename)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
@@ -141,12 +167,15 @@ class Catalog:
         )  # fmt: skip
         if row is not None:
             return _record(row), True
-        existing = await self.find_live_by_sha256(record.owner, record.sha256)
-        if existing is None:  # the conflicting row was deleted in between: try again
+        row = await db.fetchrow(
+            f"SELECT {_COLUMNS} FROM images WHERE owner = $1 AND sha256 = $2 AND deleted_at IS NULL",
+            record.owner, record.sha256,
+        )  # fmt: skip
+        if row is None:  # the conflicting row was deleted in between: try again
             if attempts <= 1:
                 raise RuntimeError("image insert kept conflicting with concurrent deletes")
-            return await self.insert_or_existing(record, attempts - 1)
-        return existing, False
+            return await self.insert_or_existing(record, conn, attempts - 1)
+        return _record(row), False
 
     async def find_live_by_sha256(self, owner: str, sha256: str) -> ImageRecord | None:
         row = await self.pool.fetchrow(

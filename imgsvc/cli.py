@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sign.add_argument("query", nargs="?", default="", help="render query, e.g. 'w=256&fmt=webp'")
     sign.add_argument("--expires-in", type=int, metavar="SECONDS", help="add exp, now + SECONDS")
     sign.add_argument("--base-url", help="default: IMGSVC_PUBLIC_URL or http://host:port")
+    gc = commands.add_parser("gc", help="remove blobs no live image has referenced for longer than the grace period")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc.add_argument("--grace-days", type=float, help="override IMGSVC_GC_GRACE_DAYS")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -33,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
+        if args.command == "gc":
+            grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
+            return asyncio.run(collect(settings, grace, args.dry_run))
         return serve(settings)
     except ConfigError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
@@ -70,10 +76,25 @@ def print_signed_url(settings: Settings, image_id: str, query: str, expires_in: 
 
 
 async def migrate(settings: Settings) -> int:
-    from imgsvc.app import build_services
+    from imgsvc.app import open_storage
 
-    async with build_services(settings) as svc:  # building applies the migrations
-        print(f"database at schema {await svc.catalog.pool.fetchval('SELECT max(version) FROM schema_migrations')}")
+    async with open_storage(settings) as (_, catalog, _store):  # opening applies the migrations
+        print(f"database at schema {await catalog.pool.fetchval('SELECT max(version) FROM schema_migrations')}")
+    return 0
+
+
+async def collect(settings: Settings, grace_days: float, dry_run: bool) -> int:
+    from datetime import timedelta
+
+    from imgsvc.app import open_storage
+    from imgsvc.gc import collect_garbage
+
+    async with open_storage(settings) as (_, catalog, store):
+        report = await collect_garbage(catalog, store, timedelta(days=grace_days), dry_run=dry_run)
+    for key in report.removed:
+        print(f"{'would remove' if dry_run else 'removed'} {key}")
+    print(f"examined {report.examined} blobs: {len(report.removed)} {'to remove' if dry_run else 'removed'}, "
+          f"{report.kept} kept (grace {grace_days:g} days)")  # fmt: skip
     return 0
 
 

@@ -187,6 +187,10 @@ class Settings:
     )
     max_frames: int = _setting(100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000))
     max_output_dim: int = _setting(8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535))
+    gc_grace_days: float = _setting(
+        7.0, "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
+        parse=_float(0, 3650),
+    )
     presets: str = _setting(DEFAULT_PRESETS, "Named render presets as name:query;name:query.")
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
 

@@ -200,7 +200,6 @@ class Ingest:
         if existing is not None:
             return same_options(existing, options), False
         probe = await self.pool.submit(pipeline.probe, body.data, self.limits)
-        await self.store.put(blob_key(sha256), body.data)
         record = ImageRecord(
             id=new_image_id(),
             sha256=sha256,
@@ -216,7 +215,9 @@ class Ingest:
             original_filename=sanitize_filename(body.filename),
             created_at=datetime.now(UTC),
         )
-        stored, created = await self.catalog.insert_or_existing(record)
+        async with self.catalog.blob_lock(sha256) as conn:  # garbage collection cannot take the blob meanwhile
+            await self.store.put(blob_key(sha256), body.data)
+            stored, created = await self.catalog.insert_or_existing(record, conn)
         return (stored if created else same_options(stored, options)), created
 
 

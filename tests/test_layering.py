@@ -12,7 +12,7 @@ LAYERS = [
     {"spec"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations"},
     {"storage", "catalog", "pipeline", "client"},
-    {"auth", "upload"},
+    {"auth", "upload", "gc"},
     {"verifiers", "render", "invalidation"},
     {"services"},
     {"endpoints"},

@@ -6,6 +6,8 @@ Keys are content addresses (`sha256/<aa>/<bb>/<hex>`); a blob never changes once
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -26,6 +28,9 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the blob; absent blobs are not an error."""
+
+    def list_blobs(self) -> AsyncIterator[tuple[str, datetime]]:
+        """Every stored key with the time it was written (for garbage collection)."""
 
     async def check(self) -> None:
         """Raise if the store cannot be reached (readiness)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -68,6 +70,19 @@ class FilesystemStore:
 
     async def delete(self, key: str) -> None:
         await anyio.to_thread.run_sync(lambda: self._path(key).unlink(missing_ok=True))
+
+    async def list_blobs(self) -> AsyncIterator[tuple[str, datetime]]:
+        found = await anyio.to_thread.run_sync(self._list)
+        for item in found:
+            yield item
+
+    def _list(self) -> list[tuple[str, datetime]]:
+        blobs = []
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                blobs.append((path.relative_to(self.root).as_posix(), modified))
+        return blobs
 
     async def check(self) -> None:
         if not await anyio.to_thread.run_sync(os.access, self.root, os.W_OK):

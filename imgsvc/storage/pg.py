@@ -5,6 +5,9 @@ For small deployments that want a single backup; a committed INSERT is as durabl
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
+
 import asyncpg
 
 from imgsvc.errors import BlobNotFound
@@ -38,6 +41,11 @@ class PostgresStore:
 
     async def delete(self, key: str) -> None:
         await self.pool.execute("DELETE FROM blobs WHERE key = $1", validate_key(key))
+
+    async def list_blobs(self) -> AsyncIterator[tuple[str, datetime]]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            async for row in conn.cursor("SELECT key, created_at FROM blobs ORDER BY key"):
+                yield row["key"], row["created_at"]
 
     async def check(self) -> None:
         await self.pool.fetchval("SELECT 1 FROM blobs LIMIT 1", timeout=2)

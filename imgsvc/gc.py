@@ -1,0 +1,48 @@
+"""Garbage collection: remove blobs that no live image has referenced for longer than a grace period.
+
+Each blob is checked and deleted under the same advisory lock that an upload of those bytes holds
+while it stores the blob and commits its record, so a concurrent upload never loses its blob.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from imgsvc.catalog import Catalog
+from imgsvc.storage import BlobStore
+
+log = logging.getLogger("imgsvc.gc")
+
+
+@dataclass(slots=True)
+class GcReport:
+    dry_run: bool
+    examined: int = 0
+    kept: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+async def collect_garbage(
+    catalog: Catalog, store: BlobStore, grace: timedelta, *, dry_run: bool = False, now: datetime | None = None
+) -> GcReport:
+    now = now or datetime.now(UTC)
+    cutoff = now - grace
+    report = GcReport(dry_run=dry_run)
+    async for key, written in store.list_blobs():
+        report.examined += 1
+        sha256 = key.rsplit("/", 1)[-1]
+        if not key.startswith("sha256/") or written > cutoff:
+            report.kept += 1  # not ours, or too fresh: an upload may be on its way to reference it
+            continue
+        async with catalog.blob_lock(sha256) as conn:
+            live, last_deleted = await catalog.references(conn, sha256)
+            if live or (last_deleted is not None and last_deleted > cutoff):
+                report.kept += 1
+                continue
+            if not dry_run:
+                await store.delete(key)
+                log.info("removed blob %s", key)
+        report.removed.append(key)
+    return report
