@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
 
 from imgsvc.config import ConfigError, Settings
 
@@ -26,6 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc = commands.add_parser("gc", help="remove blobs no live image has referenced for longer than the grace period")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     gc.add_argument("--grace-days", type=float, help="override IMGSVC_GC_GRACE_DAYS")
+    importer = commands.add_parser("import", help="bulk-import a folder tree, or the image column of a SQL table")
+    importer.add_argument("paths", nargs="*", type=Path, help="files or folders to import")
+    importer.add_argument("--owner", default="anonymous", help="owner of folder imports (default: anonymous)")
+    importer.add_argument("--category", default="", help="category of every imported image")
+    importer.add_argument("--visibility", default="public", choices=["public", "private"])
+    importer.add_argument("--sql", help="a query returning the columns id, owner, data (bytea or base64 text)")
+    importer.add_argument("--dsn", help="the database the --sql query runs against")
+    importer.add_argument("--mapping", type=Path, help="write old id,new id,status CSV here (default: stdout)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -34,8 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("pyvips").setLevel(max(logging.WARNING, logging.getLogger().level))
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
+        if args.command == "import":
+            if bool(args.sql) == bool(args.paths) or bool(args.sql) != bool(args.dsn):
+                parser.error("import takes PATH... or --sql with --dsn")
+            try:
+                return asyncio.run(import_images(settings, args))
+            except asyncpg.PostgresError as exc:
+                print(f"imgsvc: the --sql query failed: {exc}", file=sys.stderr)
+                return 2
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
@@ -81,6 +102,31 @@ async def migrate(settings: Settings) -> int:
     async with open_storage(settings) as (_, catalog, _store):  # opening applies the migrations
         print(f"database at schema {await catalog.pool.fetchval('SELECT max(version) FROM schema_migrations')}")
     return 0
+
+
+async def import_images(settings: Settings, args: argparse.Namespace) -> int:
+    from imgsvc.app import open_storage, pipeline_limits
+    from imgsvc.importer import files_under, folder_items, run_import, sql_items
+    from imgsvc.pipeline import configure_libvips
+    from imgsvc.upload import Ingest, upload_options
+    from imgsvc.workers import WorkerPool
+
+    configure_libvips()
+    options = upload_options({"category": args.category, "visibility": args.visibility})
+    async with open_storage(settings) as (_, catalog, store):
+        ingest = Ingest(catalog, store, WorkerPool(settings.workers, 1_000_000), pipeline_limits(settings))
+        if args.sql:
+            items, total = sql_items(args.dsn, args.sql), None
+        else:
+            files = files_under(args.paths)
+            items, total = folder_items(files, args.owner), len(files)
+        with contextlib.ExitStack() as stack:
+            mapping = stack.enter_context(args.mapping.open("w", newline="")) if args.mapping else sys.stdout
+            report = await run_import(ingest, items, options, total=total, mapping=mapping,
+                                      concurrency=settings.workers)  # fmt: skip
+    print(f"imported {report.imported}, skipped {report.skipped} (already there), failed {len(report.failures)}",
+          file=sys.stderr)  # fmt: skip
+    return 1 if report.failures else 0
 
 
 async def collect(settings: Settings, grace_days: float, dry_run: bool) -> int:

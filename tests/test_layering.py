@@ -13,7 +13,7 @@ LAYERS = [
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations"},
     {"storage", "catalog", "pipeline", "client"},
     {"auth", "upload", "gc"},
-    {"verifiers", "render", "invalidation"},
+    {"verifiers", "render", "invalidation", "importer"},
     {"services"},
     {"endpoints"},
     {"app"},
