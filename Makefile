@@ -33,6 +33,7 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python foundation.py
 	cd benchmarks && ../$(BIN)/python render.py
 	cd benchmarks && ../$(BIN)/python auth.py
+	cd benchmarks && ../$(BIN)/python replicas.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache
