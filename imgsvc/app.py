@@ -6,6 +6,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import anyio
 from starlette.applications import Starlette
@@ -21,6 +22,7 @@ from imgsvc.catalog import Catalog
 from imgsvc.config import ConfigError, Settings
 from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
+from imgsvc.gc import periodic_collection
 from imgsvc.headers import SECURITY, error_cache_control
 from imgsvc.invalidation import DeleteListener
 from imgsvc.ratelimit import RateLimiter
@@ -128,6 +130,8 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()
         stack.push_async_callback(listener.stop)
+        grace = timedelta(days=settings.gc_grace_days)
+        await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval))
         yield Services(
             settings=settings,
             catalog=catalog,

@@ -191,6 +191,10 @@ class Settings:
         7.0, "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
         parse=_float(0, 3650),
     )
+    gc_interval: float = _setting(
+        0.0, "Seconds between garbage collections run by the service itself; 0 leaves it to `imgsvc gc`.",
+        parse=_float(0, 30 * 86400),
+    )
     presets: str = _setting(DEFAULT_PRESETS, "Named render presets as name:query;name:query.")
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
 

@@ -6,7 +6,11 @@ while it stores the blob and commits its record, so a concurrent upload never lo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -46,3 +50,28 @@ async def collect_garbage(
                 log.info("removed blob %s", key)
         report.removed.append(key)
     return report
+
+
+@contextlib.asynccontextmanager
+async def periodic_collection(
+    catalog: Catalog, store: BlobStore, grace: timedelta, every_seconds: float
+) -> AsyncIterator[None]:
+    """Collect garbage every `every_seconds` (with jitter, so replicas spread out) while the block runs."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(every_seconds * random.uniform(0.8, 1.2))
+            try:
+                report = await collect_garbage(catalog, store, grace)
+                log.info("gc: examined %d blobs, removed %d", report.examined, len(report.removed))
+            except Exception:
+                log.exception("gc run failed; trying again next period")
+
+    task = asyncio.create_task(loop(), name="imgsvc-gc") if every_seconds > 0 else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -118,3 +118,15 @@ def test_gc_command_dry_run(database_url: str, tmp_path) -> None:  # type: ignor
     assert "examined 1 blobs: 0 to remove, 1 kept (grace 7 days)" in kept.stdout
     gone = run_cli("gc", "--grace-days", "0", env=env)
     assert f"removed sha256/aa/bb/{'ab' * 32}" in gone.stdout and not orphan.exists()
+
+
+async def test_the_service_can_collect_periodically(settings) -> None:  # type: ignore[no-untyped-def]
+    async with app_client(with_settings(settings, gc_interval=0.2, gc_grace_days=0.0)) as client:
+        store = client.app.state.services.store  # type: ignore[attr-defined]
+        orphan = GIF_ANIMATED.read_bytes()
+        await store.put(key_of(orphan), orphan)
+        for _ in range(50):
+            if not await store.exists(key_of(orphan)):
+                break
+            await asyncio.sleep(0.1)
+        assert not await store.exists(key_of(orphan))
