@@ -31,6 +31,7 @@ from imgsvc.services import Services
 from imgsvc.signing import Keyring, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
 from imgsvc.storage import BlobStore, open_store
+from imgsvc.storage.s3 import S3Config
 from imgsvc.upload import Ingest
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
 from imgsvc.workers import WorkerPool
@@ -89,6 +90,18 @@ def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy
     return UrlPolicy(Keyring.from_pairs(settings.signing_keys), sizes, settings.require_signed)
 
 
+def s3_config(settings: Settings) -> S3Config:
+    """Connection settings for an `s3://` store (the URL supplies bucket and prefix)."""
+    return S3Config(
+        bucket="",
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+        path_style=settings.s3_path_style,
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, BlobStore]]:
     """The catalog (embedded Postgres unless a DSN is set; migrated) and the blob store: (dsn, catalog, store)."""
@@ -101,7 +114,7 @@ async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, 
         catalog = await Catalog.connect(dsn)
         stack.push_async_callback(catalog.close)
         await catalog.migrate()
-        store = await open_store(settings.effective_storage_url, pool=catalog.pool)
+        store = await open_store(settings.effective_storage_url, pool=catalog.pool, s3=s3_config(settings))
         stack.push_async_callback(store.close)
         yield dsn, catalog, store
 

@@ -87,8 +87,8 @@ def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _storage_url(text: str) -> str:
-    if not (text.startswith("file:///") or text == "postgres:"):
-        raise ValueError(f"expected file:///absolute/path or postgres: (S3 is not built yet), got {text!r}")
+    if not (text.startswith(("file:///", "s3://")) or text == "postgres:"):
+        raise ValueError(f"expected file:///absolute/path, s3://bucket/prefix or postgres:, got {text!r}")
     return text
 
 
@@ -129,9 +129,20 @@ class Settings:
         secret=True,
     )
     storage_url: str | None = _setting(
-        None, "Blob store: file:///path, or postgres: (bytea rows in the catalog database); "
-        "unset means file://<data dir>/blobs.",
+        None, "Blob store: file:///path, s3://bucket/prefix, or postgres: (bytea rows in the catalog "
+        "database); unset means file://<data dir>/blobs.",
         parse=_storage_url,
+    )
+    s3_endpoint_url: str | None = _setting(
+        None, "S3-compatible endpoint (unset: AWS S3).", parse=_url
+    )
+    s3_region: str | None = _setting(None, "S3 region (unset: AWS_REGION / AWS_DEFAULT_REGION / AWS config).")
+    s3_access_key_id: str | None = _setting(None, "S3 access key (unset: the usual AWS credential chain).")
+    s3_secret_access_key: str | None = _setting(None, "S3 secret key (unset: the usual AWS credential chain).",
+                                                secret=True)  # fmt: skip
+    s3_path_style: bool = _setting(
+        False, "Path-style S3 addressing (http://host/bucket/key), which most S3-compatible stores need.",
+        parse=_bool,
     )
     public_url: str | None = _setting(
         None, "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.", parse=_public_url

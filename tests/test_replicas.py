@@ -4,13 +4,16 @@ even for variants in their LRU and even after their listener connection was cut.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
+import uuid
+from pathlib import Path
 
 import asyncpg
 import httpx
 
 from imgsvc.config import Settings
-from tests.conftest import FLICKR, PNG_ALPHA, app_client
+from tests.conftest import FLICKR, PNG_ALPHA, SeaweedS3, ServerProcess, app_client, s3_env
 
 
 async def wait_for_status(client: httpx.AsyncClient, url: str, status: int, within: float = 1.0) -> float:
@@ -65,3 +68,42 @@ async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recover
             assert await wait_for_status(b, f"/img/{ids[1]}?w=64", 404) < 1.0
         finally:
             await admin.close()
+
+
+def test_two_real_replicas_over_postgres_and_seaweedfs(
+    seaweed: SeaweedS3, database_url: str, tmp_path: Path
+) -> None:
+    """Upload on A, render on B, delete on A -> 404 on B within a second; one blob for two uploads."""
+    env = {"IMGSVC_DATABASE_URL": database_url, **s3_env(seaweed, f"replicas-{uuid.uuid4().hex[:8]}")}
+    a = ServerProcess(env, tmp_path / "a.log").start()
+    b = ServerProcess(env, tmp_path / "b.log").start()
+    try:
+        with httpx.Client(timeout=30) as http:
+            data = FLICKR.read_bytes()
+
+            def post(url: str) -> httpx.Response:
+                return http.post(f"{url}/images", content=data, headers={"Content-Type": "image/jpeg"})
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                both = list(pool.map(post, (a.url, b.url)))  # the same bytes through both replicas at once
+            assert sorted(r.status_code for r in both) == [200, 201]
+            image_id = both[0].json()["id"]
+            assert both[1].json()["id"] == image_id
+            variant = f"{b.url}/img/{image_id}?w=256&fmt=webp"
+            assert http.get(variant).status_code == 200 and http.get(variant).headers["x-cache"] == "hit"
+            assert http.delete(f"{a.url}/images/{image_id}").status_code == 204
+            deleted = time.monotonic()
+            while http.get(variant).status_code != 404:
+                assert time.monotonic() - deleted < 1.0, "B still serves the deleted image after 1 s"
+                time.sleep(0.01)
+        assert len(seaweed_keys(seaweed, env["IMGSVC_STORAGE_URL"])) == 1  # two uploads, one blob
+    finally:
+        a.stop()
+        b.stop()
+
+
+def seaweed_keys(seaweed: SeaweedS3, url: str) -> list[str]:
+    prefix = url.split("/", 3)[3]
+    client = seaweed.client()
+    listing = client.list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]

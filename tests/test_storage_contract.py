@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ import pytest
 from imgsvc.catalog import Catalog
 from imgsvc.errors import BlobNotFound
 from imgsvc.storage import BlobStore, BlobTooLarge, blob_key, open_store
+from imgsvc.storage.s3 import S3Config
 
-BACKENDS = ["fs", "pg"]
+BACKENDS = ["fs", "pg", "s3"]
 Opener = Callable[[], Any]
 
 
@@ -30,6 +32,18 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path, database_url: s
             return await open_store(f"file://{tmp_path / 'blobs'}")
 
         yield open_fs
+    elif request.param == "s3":
+        seaweed = request.getfixturevalue("seaweed")
+        config = S3Config(
+            bucket="", endpoint_url=seaweed.endpoint_url, region="us-east-1",
+            access_key_id=seaweed.access_key, secret_access_key=seaweed.secret_key, path_style=True,
+        )  # fmt: skip
+        url = f"s3://{seaweed.bucket}/contract-{uuid.uuid4().hex[:8]}"
+
+        async def open_s3() -> BlobStore:
+            return await open_store(url, s3=config)
+
+        yield open_s3
     else:
 
         async def open_pg() -> BlobStore:
@@ -115,3 +129,12 @@ async def test_delete_is_idempotent(store: BlobStore) -> None:
 
 async def test_check_passes_on_a_working_store(store: BlobStore) -> None:
     await store.check()
+
+
+async def test_listing_shows_every_blob_with_its_write_time(store: BlobStore) -> None:
+    blobs = [os.urandom(100) for _ in range(3)]
+    for data in blobs:
+        await store.put(key_of(data), data)
+    listed = {key: written async for key, written in store.list_blobs()}
+    assert set(listed) == {key_of(data) for data in blobs}
+    assert all(written.tzinfo is not None for written in listed.values())

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import asyncpg
 
+    from imgsvc.storage.s3 import S3Config
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 
@@ -60,8 +62,9 @@ def check_size(size: int, max_bytes: int) -> None:
         raise BlobTooLarge(f"blob of {size} bytes exceeds the {max_bytes}-byte cap")
 
 
-async def open_store(url: str, *, pool: asyncpg.Pool | None = None) -> BlobStore:
-    """The store a URL names: `file:///path`, or `postgres:` (the catalog database, through `pool`)."""
+async def open_store(url: str, *, pool: asyncpg.Pool | None = None, s3: S3Config | None = None) -> BlobStore:
+    """The store a URL names: `file:///path`, `postgres:` (the catalog database, through `pool`), or
+    `s3://bucket/prefix` (connection settings from `s3`, whose bucket and prefix the URL replaces)."""
     if url.startswith("file://"):
         from imgsvc.storage.fs import FilesystemStore
 
@@ -72,4 +75,11 @@ async def open_store(url: str, *, pool: asyncpg.Pool | None = None) -> BlobStore
         if pool is None:
             raise ValueError("the postgres: store needs the catalog's connection pool")
         return PostgresStore(pool)
+    if url.startswith("s3://"):
+        from dataclasses import replace
+
+        from imgsvc.storage.s3 import S3Config, S3Store, parse_s3_url
+
+        bucket, prefix = parse_s3_url(url)
+        return await S3Store.open(replace(s3 or S3Config(bucket=bucket), bucket=bucket, prefix=prefix))
     raise ValueError(f"unsupported storage URL: {url!r}")
