@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 
 from imgsvc.gc import collect_garbage
 from imgsvc.storage import blob_key
-from tests.conftest import FLICKR, GIF_ANIMATED, PNG_ALPHA, app_client, with_settings
+from tests.conftest import FLICKR, GIF_ANIMATED, PNG_ALPHA, app_client, s3_env, with_settings
 from tests.test_config import run_cli
 
 GRACE = timedelta(days=7)
@@ -29,9 +30,19 @@ async def upload(client: httpx.AsyncClient, data: bytes) -> str:
     return str(response.json()["id"])
 
 
-@pytest.mark.parametrize("storage_url", [None, "postgres:"])
-async def test_only_blobs_unreferenced_for_longer_than_the_grace_period_go(settings, storage_url) -> None:  # type: ignore[no-untyped-def]
-    async with app_client(with_settings(settings, storage_url=storage_url or settings.storage_url)) as client:
+@pytest.mark.parametrize("backend", ["fs", "postgres", "s3"])
+async def test_only_blobs_unreferenced_for_longer_than_the_grace_period_go(request, settings, backend) -> None:  # type: ignore[no-untyped-def]
+    if backend == "postgres":
+        settings = with_settings(settings, storage_url="postgres:")
+    elif backend == "s3":
+        seaweed = request.getfixturevalue("seaweed")
+        env = s3_env(seaweed, f"gc-{uuid.uuid4().hex[:8]}")
+        settings = with_settings(
+            settings, storage_url=env["IMGSVC_STORAGE_URL"], s3_endpoint_url=seaweed.endpoint_url,
+            s3_region="us-east-1", s3_access_key_id=seaweed.access_key, s3_secret_access_key=seaweed.secret_key,
+            s3_path_style=True,
+        )  # fmt: skip
+    async with app_client(settings) as client:
         services = client.app.state.services  # type: ignore[attr-defined]
         catalog, store = services.catalog, services.store
         deleted_id = await upload(client, FLICKR.read_bytes())
