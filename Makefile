@@ -34,6 +34,7 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python render.py
 	cd benchmarks && ../$(BIN)/python auth.py
 	cd benchmarks && ../$(BIN)/python replicas.py
+	cd benchmarks && ../$(BIN)/python storage.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache
