@@ -38,11 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     importer.add_argument("--sql", help="a query returning the columns id, owner, data (bytea or base64 text)")
     importer.add_argument("--dsn", help="the database the --sql query runs against")
     importer.add_argument("--mapping", type=Path, help="write old id,new id,status CSV here (default: stdout)")
+    health = commands.add_parser("healthcheck", help="exit 0 if the local service's /readyz answers 200 (containers)")
+    health.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         if args.command == "config":
             return show_config(settings)
+        if args.command == "healthcheck":
+            return healthcheck(settings, args.timeout)
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,6 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
+
+
+def healthcheck(settings: Settings, timeout: float) -> int:
+    """Ask the service on this host for /readyz; stdlib only, so it starts fast in a container."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else "[::1]" if settings.host == "::" else settings.host
+    url = f"http://{host if ':' not in host or host.startswith('[') else f'[{host}]'}:{settings.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            ready = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"imgsvc: not ready: {exc}", file=sys.stderr)
+        return 1
+    print("ready" if ready else "not ready")
+    return 0 if ready else 1
 
 
 def show_config(settings: Settings) -> int:
@@ -156,6 +177,8 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         server_header=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=20,
     )
     return 0

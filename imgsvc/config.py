@@ -121,6 +121,9 @@ def _public_url(text: str) -> str:
 class Settings:
     host: str = _setting("127.0.0.1", "Bind address of the HTTP server.")
     port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535))
+    forwarded_allow_ips: str = _setting(
+        "127.0.0.1", "Proxies (comma-separated addresses, or *) whose X-Forwarded-For/-Proto are trusted."
+    )
     data_dir: Path = _setting(
         Path("./imgsvc-data"), "Where the embedded defaults keep their state (Postgres, blobs).", parse=Path
     )
