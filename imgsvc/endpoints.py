@@ -7,13 +7,13 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
-from imgsvc.errors import InvalidParameter, NotFound
+from imgsvc.errors import BadRequest, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, render_headers
 from imgsvc.services import Services
 from imgsvc.spec import parse_query
@@ -70,12 +70,15 @@ async def upload_image(request: Request) -> Response:
     authorize(principal, "images:write")
     if "images:admin" not in principal.scopes:
         svc.upload_limiter.hit(principal.subject)
-    body = await read_body(
-        request.headers.get("content-type", ""),
-        request.headers.get("content-length"),
-        request.stream(),
-        svc.settings.max_upload_bytes,
-    )
+    try:
+        body = await read_body(
+            request.headers.get("content-type", ""),
+            request.headers.get("content-length"),
+            request.stream(),
+            svc.settings.max_upload_bytes,
+        )
+    except ClientDisconnect:
+        raise BadRequest("the upload was aborted before the body was complete") from None
     options = upload_options({**dict(request.query_params), **body.fields})
     image, created = await svc.ingest.ingest(body, principal.subject, options)
     payload = image_json(request, image)

@@ -79,3 +79,21 @@ def _name_of(record: dict) -> str:
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]:
             return path.name
     raise AssertionError("no such image")
+
+
+def test_an_aborted_upload_leaves_nothing_and_the_server_healthy(server: ServerProcess, tmp_path: Path) -> None:
+    import socket
+
+    data = PHOTO.read_bytes()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        head = (f"POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()  # fmt: skip
+        sock.sendall(head + data[: len(data) // 2])  # then hang up mid-body
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for _ in range(50):
+            if http.get("/readyz").status_code == 200:
+                break
+        assert http.get("/images").json()["items"] == []
+        assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
+        assert http.post("/images", content=data, headers={"Content-Type": "image/jpeg"}).status_code == 201
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
