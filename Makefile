@@ -29,12 +29,13 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.test-deps
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx)
 	cd benchmarks && ../$(BIN)/python foundation.py
 	cd benchmarks && ../$(BIN)/python render.py
 	cd benchmarks && ../$(BIN)/python auth.py
 	cd benchmarks && ../$(BIN)/python replicas.py
 	cd benchmarks && ../$(BIN)/python storage.py
+	cd benchmarks && ../$(BIN)/python origin.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache

@@ -74,11 +74,11 @@ def timed(fn, rounds: int) -> list[float]:  # type: ignore[no-untyped-def]
     return samples
 
 
-def wrk(url: str, connections: int, seconds: int = 10) -> tuple[float, str]:
+def wrk(url: str, connections: int, seconds: int = 10, extra: tuple[str, ...] = ()) -> tuple[float, str]:
     """(requests/s, latency summary) from wrk; a warm-up run precedes the measured one."""
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: `make bench` installs it (apt-get install wrk)")
-    command = ["wrk", "-t2", f"-c{connections}", "--latency"]
+    command = ["wrk", "-t2", f"-c{connections}", "--latency", *extra]
     subprocess.run([*command, "-d2s", url], check=True, capture_output=True)
     out = subprocess.run([*command, f"-d{seconds}s", url], check=True, capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]

@@ -253,3 +253,32 @@ def s3_env(seaweed: SeaweedS3, prefix: str) -> dict[str, str]:
         "IMGSVC_S3_SECRET_ACCESS_KEY": seaweed.secret_key,
         "IMGSVC_S3_PATH_STYLE": "true",
     }
+
+
+@pytest.fixture(scope="session")
+def nginx_bin() -> str:
+    """The nginx binary. Missing is a failure, never a skip: `.ci/run` installs it (apt-get install nginx)."""
+    from tests.nginx_process import find_nginx
+
+    found = find_nginx()
+    if found is None:
+        ci = " (CI=true)" if os.environ.get("CI") == "true" else ""
+        pytest.fail(f"nginx is not installed{ci}: run .ci/run as root, or apt-get install nginx", pytrace=False)
+    return found
+
+
+@pytest.fixture
+def start_nginx(nginx_bin: str, tmp_path: Path) -> Iterator[Any]:
+    """Start nginx (the rendered template) in front of an upstream `host:port`; every one is stopped at teardown."""
+    from tests.nginx_process import NginxProcess
+
+    started: list[NginxProcess] = []
+
+    def start(upstream: str, **values: str) -> NginxProcess:
+        proc = NginxProcess(nginx_bin, tmp_path / f"nginx-{len(started)}", upstream, **values)
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -60,6 +60,14 @@ def test_the_compose_file_describes_a_valid_scaled_out_deployment() -> None:
     assert settings.storage_url == "s3://imgsvc/originals" and settings.auth == "jwks"
 
 
+def test_the_compose_nginx_config_is_the_template_pointed_at_the_imgsvc_service() -> None:
+    from tests.nginx_process import render_module
+
+    mount = COMPOSE["services"]["nginx"]["volumes"][0].split(":")[0]
+    values = {"UPSTREAM": "imgsvc:8080", "USER": "nginx", "ERROR_LOG": "/dev/stderr", "ACCESS_LOG": "/dev/stdout"}
+    assert (REPO / mount).read_text() == render_module().render(values)
+
+
 def test_healthcheck_command_follows_readiness(server_env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]
     server = ServerProcess(server_env, tmp_path / "server.log").start()
     try:

@@ -1,0 +1,87 @@
+"""Render nginx/imgsvc.conf.template into nginx/nginx.conf (production values), or with overrides.
+
+Only upper-case `${NAME}`s are substituted, so nginx's own `$variables` pass through untouched.
+Usage: python nginx/render.py [--set NAME=VALUE ...] [-o PATH | -o -] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "imgsvc.conf.template"
+CONFIG = HERE / "nginx.conf"
+
+BANNER = "# GENERATED from imgsvc.conf.template by `python nginx/render.py`: edit the template, not this file.\n"
+
+PRODUCTION: Mapping[str, str] = {
+    "USER": "www-data",  # Debian's nginx user ("nginx" in the official nginx image)
+    "PID": "/run/nginx.pid",
+    "ERROR_LOG": "/var/log/nginx/error.log",
+    "ACCESS_LOG": "/var/log/nginx/access.log",
+    "TEMP_DIR": "/var/lib/nginx",
+    "CACHE_DIR": "/var/cache/nginx",
+    "CACHE_MAX_SIZE": "20g",
+    "CACHE_MIN_FREE": "2g",
+    "CACHE_VALID": "10m",  # how long a deleted image's variants may still come from nginx
+    "LISTEN": "80",
+    "RENDER_LISTEN": "127.0.0.1:8081",
+    "UPSTREAM": "127.0.0.1:8080",  # imgsvc: IMGSVC_HOST:IMGSVC_PORT
+    "MAX_BODY": "25000000",  # = IMGSVC_MAX_UPLOAD_BYTES
+}
+
+
+class ConfTemplate(string.Template):
+    """`${NAME}` with NAME in upper case, and nothing else: `$uri`, `${request_id}` stay nginx's."""
+
+    flags = re.VERBOSE  # not IGNORECASE: lower-case names belong to nginx
+    pattern = r"""
+        \$\{(?P<braced>[A-Z][A-Z0-9_]*)\}
+        | (?P<escaped>(?!))
+        | (?P<named>(?!))
+        | (?P<invalid>(?!))
+    """
+
+
+def render(values: Mapping[str, str] | None = None, **overrides: str) -> str:
+    """The template with PRODUCTION values updated by `values` and `overrides`; every name must be known and used."""
+    merged = {**PRODUCTION, **(values or {}), **overrides}
+    template = ConfTemplate(TEMPLATE.read_text())
+    names = set(template.get_identifiers())
+    if unknown := sorted(set(merged) - names):
+        raise KeyError(f"not in {TEMPLATE.name}: {', '.join(unknown)}")
+    if missing := sorted(names - set(merged)):
+        raise KeyError(f"no value for: {', '.join(missing)}")
+    return BANNER + template.substitute(merged)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a value")
+    parser.add_argument("-o", "--output", default=str(CONFIG), help="where to write ('-' for stdout)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the output file differs from the rendering")
+    args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(overrides) != len(args.set):
+        parser.error("--set takes NAME=VALUE")
+    text = render(overrides)
+    if args.check:
+        current = Path(args.output).read_text() if Path(args.output).exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date: run python nginx/render.py", file=sys.stderr)
+            return 1
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
