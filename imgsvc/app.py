@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -14,7 +13,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import endpoints, pipeline
 from imgsvc.auth import NoAuth, Verifier
@@ -23,8 +21,9 @@ from imgsvc.config import ConfigError, Settings
 from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
-from imgsvc.headers import SECURITY, error_cache_control
+from imgsvc.headers import error_cache_control
 from imgsvc.invalidation import DeleteListener
+from imgsvc.middleware import RequestContext
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.services import Services
@@ -176,40 +175,6 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-class RequestContext:
-    """Pure ASGI middleware: an `X-Request-ID` on every response (the caller's, or a new one) and `nosniff`."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _header(scope, b"x-request-id")
-        if not request_id or len(request_id) > 128 or not request_id.isascii():
-            request_id = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_context(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
-                    headers.append((b"x-content-type-options", SECURITY["X-Content-Type-Options"].encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_context)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -230,6 +195,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/img/{id}", endpoints.render_image, methods=["GET", "HEAD"]),
         Route("/livez", endpoints.livez, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
+        Route("/metrics", endpoints.metrics_text, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

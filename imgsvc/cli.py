@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
 
+from imgsvc import logs
 from imgsvc.config import ConfigError, Settings
 
 
@@ -49,8 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return healthcheck(settings, args.timeout)
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("pyvips").setLevel(max(logging.WARNING, logging.getLogger().level))
+        logs.configure(settings.log_level)
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
         if args.command == "import":
@@ -176,6 +175,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # imgsvc.logs: JSON lines with the request id
+        access_log=False,  # the RequestContext middleware writes the access log
         server_header=False,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,

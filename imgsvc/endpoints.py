@@ -10,10 +10,11 @@ from urllib.parse import parse_qsl, quote
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from imgsvc import metrics
 from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
-from imgsvc.errors import BadRequest, InvalidParameter, NotFound
+from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, render_headers
 from imgsvc.services import Services
 from imgsvc.spec import parse_query
@@ -65,6 +66,14 @@ def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
 
 
 async def upload_image(request: Request) -> Response:
+    try:
+        return await _upload(request)
+    except ImgsvcError as exc:
+        metrics.uploads_total.labels(exc.slug).inc()
+        raise
+
+
+async def _upload(request: Request) -> Response:
     svc = services(request)
     principal = await _principal(request)
     authorize(principal, "images:write")
@@ -81,6 +90,7 @@ async def upload_image(request: Request) -> Response:
         raise BadRequest("the upload was aborted before the body was complete") from None
     options = upload_options({**dict(request.query_params), **body.fields})
     image, created = await svc.ingest.ingest(body, principal.subject, options)
+    metrics.uploads_total.labels("created" if created else "existing").inc()
     payload = image_json(request, image)
     return _json(payload, 201 if created else 200, {"Location": payload["urls"]["self"]})
 
@@ -172,6 +182,11 @@ async def render_image(request: Request) -> Response:
     if request.method == "HEAD":
         return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
     return Response(variant.data, media_type=media_type, headers=headers)
+
+
+async def metrics_text(request: Request) -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": NO_STORE})
 
 
 async def livez(request: Request) -> Response:

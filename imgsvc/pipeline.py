@@ -5,6 +5,7 @@ Pure and synchronous, for worker threads; `configure_libvips()` (imgsvc.vips_set
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -45,7 +46,6 @@ PIPELINE_VERSION = f"1-vips{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.versi
 # Variants are rendered once and then cached (LRU, nginx, CDN), so bytes win over CPU up to each cliff.
 _WEBP_EFFORT = 4
 _WEBP_MAX_DIMENSION = 16383  # libwebp's limit
-_SLOW_ENCODERS = frozenset({"avif", "gif"})
 _AVIF_EFFORT = 3
 _PNG_COMPRESSION = 6
 
@@ -78,6 +78,8 @@ class Rendered:
     width: int
     height: int  # per frame
     frames: int
+    pixel_seconds: float = 0.0  # decode, resize, crop/pad, blur: up to the finished pixels
+    encode_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,7 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
     plan = _plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
     rgb = _parse_rgb(spec.background)
+    started = time.perf_counter()
     try:
         image = pyvips.Image.thumbnail_buffer(
             data,
@@ -169,16 +172,18 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
         if fmt == "jpeg" and image.hasalpha():
             image, colour = _match_background(image, rgb)
             image = image.flatten(background=colour)
-        if fmt in _SLOW_ENCODERS:
-            # libheif's and the GIF quantiser's own passes cannot be interrupted: compute the pixels under
-            # the deadline first, and do not start a long encode that is already late.
-            image = image.copy_memory()
-            if deadline.expired():
-                raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
+        # The finished pixels are computed first, under the deadline: libheif's and the GIF quantiser's
+        # own passes cannot be interrupted, so a long encode that is already late is not started. It
+        # also splits the time between pixel work and encoding for the metrics (output-sized: cheap).
+        image = image.copy_memory()
+        pixels_done = time.perf_counter()
+        if deadline.expired():
+            raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
         out = _encode(image, fmt, quality, palette=header.palette)
     except pyvips.Error as exc:
         raise _render_error(deadline, "the image cannot be rendered") from exc
-    return Rendered(out, fmt, image.width, image.height // frames, frames)
+    return Rendered(out, fmt, image.width, image.height // frames, frames, pixels_done - started,
+                    time.perf_counter() - pixels_done)  # fmt: skip
 
 
 def _open_header(data: bytes, limits: PipelineLimits) -> _Header:

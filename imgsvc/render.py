@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
 
-from imgsvc import pipeline
+from imgsvc import metrics, pipeline
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, ImageRecord
-from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, Unauthorized
+from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, RenderTimeout, Unauthorized
 from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
 from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, accept_token, choose_output_format, varies_on_accept
@@ -123,14 +123,23 @@ class Renderer:
             return variant
         key = f"{image.sha256}|{spec.render_key()}|{fmt}"
         data = self.variants.get(key)
+        metrics.cache_total.labels("variant", "miss" if data is None else "hit").inc()
         if data is not None:
             return replace(variant, data=data, cache_status="hit")
 
         async def produce() -> bytes:
             with self.pool.admit():  # refuse before reading the original, not after
+                fetch_started = time.perf_counter()
                 original = await self.fetch_original(image)
+                metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
                 self.renders_started += 1
-                rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
+                try:
+                    rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
+                except RenderTimeout:
+                    metrics.render_rejections.labels("deadline").inc()
+                    raise
+            metrics.render_seconds.labels("pixels", fmt).observe(rendered.pixel_seconds)
+            metrics.render_seconds.labels("encode", fmt).observe(rendered.encode_seconds)
             if image.id not in self.deleted:
                 self.variants.put(key, rendered.data, group=image.id)
             return rendered.data
@@ -140,6 +149,7 @@ class Renderer:
 
     async def fetch_original(self, image: ImageRecord) -> bytes:
         data = self.originals.get(image.sha256)
+        metrics.cache_total.labels("original", "miss" if data is None else "hit").inc()
         if data is not None:
             return data
 

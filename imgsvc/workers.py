@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import anyio
 
+from imgsvc import metrics
 from imgsvc.errors import Overloaded
 
 T = TypeVar("T")
@@ -39,19 +40,29 @@ class WorkerPool:
         Callers take it before any costly preparation (reading an original), so a refusal is cheap.
         """
         if self._admitted >= self.workers + self.queue:
+            metrics.render_rejections.labels("queue_full").inc()
             raise Overloaded(
                 f"all {self.workers} render workers are busy and {self.queue} renders are queued",
                 headers={"Retry-After": "1"},
             )
         self._admitted += 1
+        metrics.renders_waiting.inc()
         try:
             yield
         finally:
             self._admitted -= 1
+            metrics.renders_waiting.dec()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run in a worker thread; the caller holds a place from `admit()`."""
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        async with self._limiter:  # counted as running only once a worker is free
+            metrics.renders_waiting.dec()
+            metrics.renders_running.inc()
+            try:
+                return await anyio.to_thread.run_sync(fn, *args)
+            finally:
+                metrics.renders_running.dec()
+                metrics.renders_waiting.inc()
 
     async def submit(self, fn: Callable[..., T], *args: object) -> T:
         with self.admit():

@@ -8,14 +8,14 @@ import ast
 from tests.conftest import REPO
 
 LAYERS = [
-    {"errors", "config"},
+    {"errors", "config", "metrics", "logs"},
     {"spec"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations"},
     {"storage", "catalog", "pipeline", "client"},
     {"auth", "upload", "gc"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},
-    {"endpoints"},
+    {"endpoints", "middleware"},
     {"app"},
     {"cli"},
     {"__main__"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import subprocess
@@ -53,9 +54,10 @@ def reached_upstream(nginx: NginxProcess, uri: str, requests: int) -> list[dict]
     return [e for e in nginx.wait_for_log(lambda e: e["uri"] == uri, requests) if e["upstream"]]
 
 
-def app_requests(server: ServerProcess, method: str, uri: str) -> list[str]:
-    """uvicorn's access-log lines for `method uri`: what really reached imgsvc."""
-    return [line for line in server.log_path.read_text().splitlines() if f'"{method} {uri} HTTP/1.1"' in line]
+def app_requests(server: ServerProcess, method: str, uri: str) -> list[dict]:
+    """imgsvc's access-log entries (JSON lines) for `method uri`: what really reached imgsvc."""
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    return [e for e in entries if e["logger"] == "imgsvc.access" and (e["method"], e["uri"]) == (method, uri)]
 
 
 def stable(response: httpx.Response) -> dict[str, str]:
@@ -370,8 +372,8 @@ def test_imgsvc_sees_the_real_client_address(http: httpx.Client, origin: NginxPr
         assert client.get(f"/img/{image_id}?w=64", headers=forged).status_code == 200  # via the render tier
         assert client.get(f"/images/{image_id}", headers=forged).status_code == 200  # straight to imgsvc
     for uri in (f"/img/{image_id}?w=64", f"/images/{image_id}"):
-        (line,) = app_requests(server, "GET", uri)
-        assert "127.0.0.2:0 - " in line, line  # port 0: the address came from the trusted proxy header
+        (entry,) = app_requests(server, "GET", uri)
+        assert entry["client"] == "127.0.0.2", entry  # from the trusted proxy's header, not the forged one
     assert {e["client"] for e in origin.log() if e["uri"].endswith(f"{image_id}?w=64")} == {"127.0.0.2"}
 
 
