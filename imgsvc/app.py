@@ -196,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/livez", endpoints.livez, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),
+        Route("/openapi.json", endpoints.openapi_json, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, quote
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from imgsvc import metrics
+from imgsvc import metrics, openapi
 from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
@@ -182,6 +182,10 @@ async def render_image(request: Request) -> Response:
     if request.method == "HEAD":
         return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
     return Response(variant.data, media_type=media_type, headers=headers)
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document(services(request).settings), headers={"Cache-Control": "public, max-age=300"})
 
 
 async def metrics_text(request: Request) -> Response:

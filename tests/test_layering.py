@@ -11,7 +11,7 @@ LAYERS = [
     {"errors", "config", "metrics", "logs"},
     {"spec"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations"},
-    {"storage", "catalog", "pipeline", "client"},
+    {"storage", "catalog", "pipeline", "client", "openapi"},
     {"auth", "upload", "gc"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},
