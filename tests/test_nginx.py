@@ -54,10 +54,17 @@ def reached_upstream(nginx: NginxProcess, uri: str, requests: int) -> list[dict]
     return [e for e in nginx.wait_for_log(lambda e: e["uri"] == uri, requests) if e["upstream"]]
 
 
-def app_requests(server: ServerProcess, method: str, uri: str) -> list[dict]:
-    """imgsvc's access-log entries (JSON lines) for `method uri`: what really reached imgsvc."""
-    entries = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
-    return [e for e in entries if e["logger"] == "imgsvc.access" and (e["method"], e["uri"]) == (method, uri)]
+def app_requests(server: ServerProcess, method: str, uri: str, at_least: int = 1) -> list[dict]:
+    """imgsvc's access-log entries (JSON lines) for `method uri`: what really reached imgsvc. The line is
+    written after the response is sent, so wait (bounded) until `at_least` are there."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = server.log_path.read_text().splitlines()
+        entries = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+        found = [e for e in entries if e["logger"] == "imgsvc.access" and (e["method"], e["uri"]) == (method, uri)]
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def stable(response: httpx.Response) -> dict[str, str]:
@@ -325,7 +332,7 @@ def test_oversized_uploads_are_refused_by_nginx_and_by_the_app(small_limit: Serv
         over = http.post(f"{equal.url}/images", content=jpeg_like(APP_LIMIT + 1), headers=jpeg)
         assert over.status_code == 413 and from_nginx(over)  # Content-Length: before any byte goes upstream
         (logged,) = equal.wait_for_log(lambda e: e["uri"] == "/images", 1)
-        assert logged["upstream"] == "" and app_requests(small_limit, "POST", "/images") == []
+        assert logged["upstream"] == "" and app_requests(small_limit, "POST", "/images", at_least=0) == []
 
         streamed = http.post(f"{equal.url}/images", content=chunks_of(jpeg_like(APP_LIMIT + 200_000)), headers=jpeg)
         assert streamed.status_code == 413 and from_nginx(streamed)  # chunked: nginx counts as it streams
