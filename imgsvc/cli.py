@@ -168,10 +168,12 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from imgsvc.app import create_app
+    from imgsvc.server import DrainingServer
 
     print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -180,6 +182,7 @@ def serve(settings: Settings) -> int:
         server_header=False,
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
+    DrainingServer(config, app, settings.drain_seconds).run()
     return 0

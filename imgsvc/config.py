@@ -210,6 +210,13 @@ class Settings:
         parse=_float(0, 30 * 86400),
     )
     presets: str = _setting(DEFAULT_PRESETS, "Named render presets as name:query;name:query.")
+    drain_seconds: float = _setting(
+        0.0, "After SIGTERM, seconds /readyz answers 503 while requests are still served (load balancer drain).",
+        parse=_float(0, 600),
+    )
+    shutdown_timeout: float = _setting(
+        20.0, "Then, seconds in-flight requests get to finish before the process stops.", parse=_float(0, 600)
+    )
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
 
     @property

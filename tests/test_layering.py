@@ -17,6 +17,7 @@ LAYERS = [
     {"services"},
     {"endpoints", "middleware"},
     {"app"},
+    {"server"},
     {"cli"},
     {"__main__"},
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -97,3 +98,30 @@ def test_an_aborted_upload_leaves_nothing_and_the_server_healthy(server: ServerP
         assert not [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
         assert http.post("/images", content=data, headers={"Content-Type": "image/jpeg"}).status_code == 201
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_sigterm_drains_then_stops_without_losing_in_flight_work(server_env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    server = ServerProcess({**server_env, "IMGSVC_DRAIN_SECONDS": "1.5"}, tmp_path / "drain.log").start()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(server.stop)
+        http = cleanup.enter_context(httpx.Client(base_url=server.url, timeout=30))
+        image_id = http.post("/images", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"}).json()["id"]
+        in_flight: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: in_flight.append(
+            httpx.get(f"{server.url}/img/{image_id}?fmt=avif&w=1920", timeout=60)))  # fmt: skip
+        slow.start()
+        time.sleep(0.2)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        draining = http.get("/readyz")
+        assert draining.status_code == 503 and draining.json()["checks"]["draining"] == "yes"
+        assert http.get("/livez").status_code == 200  # still alive and serving during the drain
+        slow.join(60)
+        assert in_flight and in_flight[0].status_code == 200
+        assert server.proc.wait(30) in (0, -15)
+    assert "Traceback" not in (tmp_path / "drain.log").read_text()
