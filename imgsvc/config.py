@@ -196,6 +196,9 @@ class Settings:
         64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0)
     )
     max_upload_bytes: int = _setting(25_000_000, "Largest accepted upload body in bytes.", parse=_int(1))
+    upload_idle_timeout: float = _setting(
+        30.0, "An upload whose body stops arriving for this many seconds is answered 408.", parse=_float(0.1, 3600)
+    )
     max_pixels: int = _setting(
         50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1)
     )

@@ -85,6 +85,7 @@ async def _upload(request: Request) -> Response:
             request.headers.get("content-length"),
             request.stream(),
             svc.settings.max_upload_bytes,
+            svc.settings.upload_idle_timeout,
         )
     except ClientDisconnect:
         raise BadRequest("the upload was aborted before the body was complete") from None

@@ -55,6 +55,10 @@ class NotFound(ImgsvcError):
     status, slug, title = 404, "not-found", "Not found"
 
 
+class RequestTimeout(ImgsvcError):
+    status, slug, title = 408, "request-timeout", "The request body stopped arriving"
+
+
 class Conflict(ImgsvcError):
     status, slug, title = 409, "conflict", "Conflicts with an existing image"
 

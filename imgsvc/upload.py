@@ -6,6 +6,7 @@ nothing; a failed upload leaves no record behind.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import unicodedata
@@ -18,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from imgsvc import pipeline
 from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
-from imgsvc.errors import BadRequest, Conflict, InvalidParameter, PayloadTooLarge, UnsupportedFormat
+from imgsvc.errors import BadRequest, Conflict, InvalidParameter, PayloadTooLarge, RequestTimeout, UnsupportedFormat
 from imgsvc.storage import BlobStore, blob_key
 from imgsvc.workers import WorkerPool
 
@@ -43,11 +44,17 @@ class UploadOptions:
 
 
 async def read_body(
-    content_type: str, content_length: str | None, chunks: AsyncIterator[bytes], max_bytes: int
+    content_type: str,
+    content_length: str | None,
+    chunks: AsyncIterator[bytes],
+    max_bytes: int,
+    idle_timeout: float = 30.0,
 ) -> UploadBody:
-    """The uploaded file (raw `image/*` body or multipart field `file`), refusing past max_bytes as it streams."""
+    """The uploaded file (raw `image/*` body or multipart field `file`), refusing past max_bytes as it streams
+    and when the client sends nothing for `idle_timeout` seconds."""
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
         raise PayloadTooLarge(f"the body of {content_length} bytes exceeds the {max_bytes}-byte upload limit")
+    chunks = _until_idle(chunks, idle_timeout)
     media_type, options = parse_options_header(content_type)
     if media_type.startswith(b"image/") or media_type == b"application/octet-stream":
         return UploadBody(data=await _read_capped(chunks, max_bytes))
@@ -56,6 +63,19 @@ async def read_body(
     raise UnsupportedFormat(
         "send the image as the raw body with Content-Type image/*, or as the multipart/form-data field 'file'"
     )
+
+
+async def _until_idle(chunks: AsyncIterator[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(f"no upload data arrived for {idle_timeout:g} s") from None
+        yield chunk
 
 
 async def _read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:

@@ -125,3 +125,22 @@ def test_sigterm_drains_then_stops_without_losing_in_flight_work(server_env: dic
         assert in_flight and in_flight[0].status_code == 200
         assert server.proc.wait(30) in (0, -15)
     assert "Traceback" not in (tmp_path / "drain.log").read_text()
+
+
+def test_a_slow_body_times_out_with_408_and_holds_nothing(server_env: dict[str, str], tmp_path: Path) -> None:
+    import socket
+    import time
+
+    server = ServerProcess({**server_env, "IMGSVC_UPLOAD_IDLE_TIMEOUT": "1"}, tmp_path / "slow.log").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + PHOTO.read_bytes()[:1000])  # fmt: skip
+            began = time.monotonic()
+            answer = sock.recv(65536).decode("latin-1")  # then the client goes quiet
+            waited = time.monotonic() - began
+        assert answer.startswith("HTTP/1.1 408"), answer[:200]
+        assert "request-timeout" in answer and 0.9 < waited < 5
+        assert httpx.get(f"{server.url}/images").json()["items"] == []
+    finally:
+        server.stop()
