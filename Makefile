@@ -36,6 +36,8 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python replicas.py
 	cd benchmarks && ../$(BIN)/python storage.py
 	cd benchmarks && ../$(BIN)/python origin.py
+	cd benchmarks && ../$(BIN)/python hardening.py
+	cd benchmarks && ../$(BIN)/python compare.py
 
 clean:
 	rm -rf $(VENV) imgsvc-data .pytest_cache
