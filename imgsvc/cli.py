@@ -168,8 +168,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from imgsvc.app import create_app
-    from imgsvc.server import DrainingServer
+    from imgsvc.server import DrainingServer, tune_malloc
 
+    tune_malloc()
     print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
     app = create_app(settings)
     config = uvicorn.Config(

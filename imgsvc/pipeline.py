@@ -127,6 +127,8 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
             transparent = False
     except pyvips.Error as exc:
         raise _render_error(deadline, f"the {header.probe.format} pixel data is truncated or corrupt") from exc
+    finally:
+        deadline.release()
     # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so ask for the
     # trailer byte that every encoder writes (GIF89a §27), tolerating NUL padding after it.
     if header.probe.format == "gif" and not data.rstrip(b"\x00").endswith(b"\x3b"):
@@ -182,6 +184,8 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
         out = _encode(image, fmt, quality, palette=header.palette)
     except pyvips.Error as exc:
         raise _render_error(deadline, "the image cannot be rendered") from exc
+    finally:
+        deadline.release()
     return Rendered(out, fmt, image.width, image.height // frames, frames, pixels_done - started,
                     time.perf_counter() - pixels_done)  # fmt: skip
 

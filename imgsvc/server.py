@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
+import sys
 import threading
 from types import FrameType
 
@@ -11,6 +15,24 @@ import uvicorn
 from starlette.applications import Starlette
 
 log = logging.getLogger("imgsvc.server")
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
+
+
+def tune_malloc(mmap_threshold: int = 128 * 1024, arena_max: int = 2) -> bool:
+    """glibc only, before any thread starts: serve large buffers (originals, renders) from mmap, so freeing
+    them returns memory to the OS (glibc's sliding threshold otherwise keeps them on the heap, and RSS only
+    grows), and cap per-thread arenas. Environment variables (MALLOC_ARENA_MAX, ...) still take precedence."""
+    if sys.platform != "linux" or not ctypes.util.find_library("c"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        return False
+    ok = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        ok &= bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        ok &= bool(libc.mallopt(_M_ARENA_MAX, arena_max))
+    return ok
 
 
 class DrainingServer(uvicorn.Server):

@@ -5,8 +5,8 @@ Follows reference/conventions.md §5; `imgsvc.pipeline` is the only user and re-
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -46,12 +46,23 @@ _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"})
 
 
-@functools.cache
+_configured: str | None = None
+_configuring = threading.Lock()
+
+
 def configure_libvips() -> str:
-    """Harden libvips for untrusted input (idempotent) and return its version, e.g. "8.18.7".
+    """Harden libvips for untrusted input (idempotent, thread-safe) and return its version, e.g. "8.18.7".
 
     Raises RuntimeError when libvips is older than 8.15.
     """
+    global _configured
+    with _configuring:  # a second thread must not re-block the loaders while the first has unblocked them
+        if _configured is None:
+            _configured = _configure()
+        return _configured
+
+
+def _configure() -> str:
     version = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
     if not pyvips.at_least_libvips(*MIN_LIBVIPS):
         raise RuntimeError(f"libvips >= {MIN_LIBVIPS[0]}.{MIN_LIBVIPS[1]} is required, found {version}")
@@ -117,6 +128,11 @@ class Deadline:
         image.signal_connect("eval", self._on_eval)
         self._watched.append(image)
         return image
+
+    def release(self) -> None:
+        """Drop the watched images once the render is over. Each one holds the callback, which holds this
+        object: without this, the cycle keeps whole decoded images alive until Python's cyclic GC runs."""
+        self._watched.clear()
 
     def _on_eval(self, image: pyvips.Image, _progress: object) -> None:
         if self.expired():
