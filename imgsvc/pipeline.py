@@ -5,6 +5,7 @@ Pure and synchronous, for worker threads; `configure_libvips()` (imgsvc.vips_set
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,6 +16,8 @@ import pyvips
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
 from imgsvc.spec import DEFAULT_QUALITY, Gravity, OutputFormat, SourceFormat, TransformSpec
 from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
+
+log = logging.getLogger("imgsvc.pipeline")
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -126,7 +129,7 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
             deadline.watch(pixels).avg()
             transparent = False
     except pyvips.Error as exc:
-        raise _render_error(deadline, f"the {header.probe.format} pixel data is truncated or corrupt") from exc
+        raise _render_error(deadline, f"the {header.probe.format} pixel data is truncated or corrupt", exc) from exc
     finally:
         deadline.release()
     # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so ask for the
@@ -183,7 +186,7 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
             raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
         out = _encode(image, fmt, quality, palette=header.palette)
     except pyvips.Error as exc:
-        raise _render_error(deadline, "the image cannot be rendered") from exc
+        raise _render_error(deadline, "the image cannot be rendered", exc) from exc
     finally:
         deadline.release()
     return Rendered(out, fmt, image.width, image.height // frames, frames, pixels_done - started,
@@ -237,10 +240,11 @@ def _probe_load_options(source: Probe) -> dict[str, int | float]:
     return {"scale": 0.125} if source.format == "webp" else {}
 
 
-def _render_error(deadline: Deadline, detail: str) -> UndecodableImage | RenderTimeout:
+def _render_error(deadline: Deadline, detail: str, exc: pyvips.Error) -> UndecodableImage | RenderTimeout:
     # A killed evaluation surfaces as a pyvips.Error; the libvips message itself is never shown to clients.
-    if deadline.expired():
+    if deadline.expired() or "killed for image" in str(exc):
         return RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
+    log.info("libvips refused an image: %s", str(exc).strip().replace("\n", " | ")[:500])
     return UndecodableImage(detail)
 
 
