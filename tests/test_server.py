@@ -144,3 +144,30 @@ def test_a_slow_body_times_out_with_408_and_holds_nothing(server_env: dict[str, 
         assert httpx.get(f"{server.url}/images").json()["items"] == []
     finally:
         server.stop()
+
+
+def test_sigkill_mid_upload_leaves_catalog_and_store_consistent(server_env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    from tests.test_config import run_cli
+
+    server = ServerProcess(server_env, tmp_path / "killed.log").start()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        kept = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"}).json()["id"]
+    data = PHOTO.read_bytes()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}"
+                     f"\r\n\r\n".encode() + data[: len(data) // 2])  # fmt: skip
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+    restarted = ServerProcess(server_env, tmp_path / "restarted.log").start()
+    try:
+        with httpx.Client(base_url=restarted.url, timeout=30) as http:
+            assert [i["id"] for i in http.get("/images").json()["items"]] == [kept]
+            assert http.get(f"/img/{kept}?w=64").status_code == 200
+    finally:
+        restarted.stop()
+    check = run_cli("gc", "--dry-run", "--grace-days", "0", env=server_env)
+    assert check.returncode == 0 and "examined 1 blobs: 0 to remove, 1 kept" in check.stdout, check.stdout
