@@ -1,0 +1,1 @@
+"""The peer benchmark: imgsvc against thumbor, ipx and a plain pyvips reference (`python compare.py`)."""
