@@ -203,5 +203,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={Exception: handle_error, HTTPException: handle_error, ImgsvcError: handle_error},
     )
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, access_log=settings.access_log)
     return app

@@ -12,8 +12,9 @@ from imgsvc.headers import SECURITY
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,11 +57,13 @@ class RequestContext:
             metrics.request_seconds.labels(route, status_class).observe(elapsed)
             metrics.bytes_total.labels("in").inc(received)
             metrics.bytes_total.labels("out").inc(sent)
-            client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
-            fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
-                      "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client}
-            logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})  # fmt: skip
             logs.request_id.reset(token)
+            if self.access_log:
+                client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
+                fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
+                          "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
+                          "request_id": rid}  # fmt: skip
+                logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
 
 
 def loggable_uri(scope: Scope) -> str:

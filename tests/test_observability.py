@@ -86,3 +86,12 @@ def test_logs_are_json_lines_with_the_request_id(server: ServerProcess, tmp_path
     assert access["upload-42"]["status"] == 201 and access["upload-42"]["bytes_in"] == FLICKR.stat().st_size
     assert access["render-43"]["uri"].endswith("s=REDACTED") and access["render-43"]["route"] == "/img/{id}"
     assert "secret-signature-value" not in "\n".join(lines)
+
+
+def test_the_access_log_can_be_turned_off(server_env: dict[str, str], tmp_path: Path) -> None:
+    server = ServerProcess({**server_env, "IMGSVC_ACCESS_LOG": "false"}, tmp_path / "quiet.log").start()
+    try:
+        assert httpx.get(f"{server.url}/livez", headers={"X-Request-ID": "quiet-1"}).status_code == 200
+    finally:
+        server.stop()
+    assert "quiet-1" not in (tmp_path / "quiet.log").read_text()
