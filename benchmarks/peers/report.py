@@ -31,7 +31,7 @@ def _cpu(runs: list[measure.Run], scale: float = 1.0) -> str:
 
 
 def _others(found: dict) -> str:
-    loads = [run.others for runs in found["runs"].values() for run in runs]
+    loads = [run.others for key, runs in found["runs"].items() if key[1] != "hits" for run in runs]
     loads += [ref["others"] for refs in found["reference"].values() for ref in refs]
     if not loads:
         return "–"
@@ -129,7 +129,6 @@ def _hit_rows(found: dict, hits: list[servers.Server], conns: list[int]) -> list
                 str(sum(m.errors for m in merged)),
                 _cpu(merged, 1000),
                 f"{max(m.rss_mb for m in merged):.0f}",
-                f"{max(m.others for m in merged):.2f}",
             ]
         )
     return rows
@@ -174,9 +173,9 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         f"`{command}` (part of `make bench`), {today}, {servers.CORES} cores ({cpu}), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {found.get('minutes', 0):.0f} minutes. A shared, noisy "
         "machine, and wrk shares the cores with the servers: read the ratios (each to a figure measured in the same "
-        "round) rather than absolute rates. `others`: the most cores that anything but the measured server, wrk and "
-        "the harness kept busy during any of a row's runs (steal included); over all runs the median was "
-        f"{_others(found)}.",
+        "round) rather than absolute rates. `others` (renders): the most cores that anything but the measured "
+        "server, wrk and the harness kept busy during any of a row's runs (steal included); over all render runs the "
+        f"median was {_others(found)}. (During hit runs the kernel's loopback networking alone shows as ~1 core.)",
         "",
         "## Versions",
         *_versions(found),
@@ -217,6 +216,7 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
                 "errors",
                 "CPU ms/req " + " / ".join(f"c={c}" for c in conns),
                 "peak RSS MB",
+                "others",
             ],
             _render_rows(found, renderers, workloads, conns),
         ),
@@ -239,7 +239,8 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         "## Output bytes and SSIM (one response at the target width)",
         "",
         "SSIM against a pyvips Lanczos3 resize of the same source to the output's size, both flattened on white, "
-        "sRGB luma, Gaussian σ 1.5 windows, computed with pyvips arithmetic (`peers/measure.py`).",
+        "sRGB luma, Gaussian σ 1.5 windows, computed with pyvips arithmetic (`peers/measure.py`; numpy is not in "
+        "imgsvc's venv).",
         "",
         outputs_table(found, renderers, workloads),
         "",
