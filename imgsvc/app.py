@@ -138,6 +138,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             limits=limits,
             variant_cache_bytes=settings.cache_bytes,
             original_cache_bytes=settings.originals_cache_bytes,
+            decoded_cache_bytes=settings.decoded_cache_bytes,
         )
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()

@@ -1,12 +1,13 @@
-"""Byte-bounded LRU caches and single-flight, used on the event loop only (no locks needed).
+"""Byte-bounded LRU caches and single-flight.
 
-`ByteLRU` holds rendered variants or hot originals; `SingleFlight` makes N identical
-concurrent misses run their producer once.
+`ByteLRU` (event loop only) holds rendered variants or hot originals; `SharedByteLRU` is its thread-safe
+twin for decoded pixels, used from render workers; `SingleFlight` runs N identical concurrent misses once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -69,6 +70,26 @@ class ByteLRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return 0 if self._lru is None else len(self._lru)
+
+
+class SharedByteLRU(ByteLRU[K, V]):
+    """A `ByteLRU` that worker threads may share: every operation holds one lock (they are all short)."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+        super().__init__(max_bytes, size_of)
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            return super().get(key)
+
+    def put(self, key: K, value: V, group: str = "") -> None:
+        with self._lock:
+            super().put(key, value, group)
+
+    def evict_group(self, group: str) -> int:
+        with self._lock:
+            return super().evict_group(group)
 
 
 class SingleFlight(Generic[K, V]):

@@ -186,7 +186,12 @@ class Settings:
         "Sizes (w or h, after dpr) an unsigned URL may ask for, comma-separated; * allows any within limits.",
         parse=_widths,
     )
-    workers: int = _setting(os.cpu_count() or 1, "Render worker threads (concurrent renders).", parse=_int(1, 256))
+    workers: int = _setting(
+        (os.cpu_count() or 1) + 1,
+        "Render worker threads (concurrent renders); one more than the cores keeps them busy while a render "
+        "waits on Python or I/O.",
+        parse=_int(1, 256),
+    )
     render_queue: int = _setting(
         64, "Renders that may wait for a worker; beyond this a render is refused with 503.", parse=_int(0, 100_000)
     )
@@ -194,6 +199,12 @@ class Settings:
     cache_bytes: int = _setting(256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0))
     originals_cache_bytes: int = _setting(
         64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0)
+    )
+    decoded_cache_bytes: int = _setting(
+        128 * MiB,
+        "Budget in bytes of the LRU of decoded JPEG/PNG originals (one entry per JPEG scale), so that more "
+        "sizes of a recent original skip its decode; 0 disables it. Larger decodes than a quarter are not kept.",
+        parse=_int(0),
     )
     max_upload_bytes: int = _setting(25_000_000, "Largest accepted upload body in bytes.", parse=_int(1))
     upload_idle_timeout: float = _setting(

@@ -15,7 +15,8 @@ from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
-from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, render_headers
+from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
+from imgsvc.render import Variant
 from imgsvc.services import Services
 from imgsvc.spec import parse_query
 from imgsvc.upload import read_body, upload_options
@@ -166,23 +167,34 @@ async def render_image(request: Request) -> Response:
         principal=principal,
         if_none_match=request.headers.get("if-none-match"),
     )
-    headers = render_headers(
+    headers = _variant_headers(variant, variant.cache_status)
+    if variant.data is None:
+        headers.pop("Content-Type")
+        headers.pop("Content-Disposition")
+        return Response(status_code=304, headers=headers)
+    media_type = headers.pop("Content-Type")
+    if variant.rememberable and request.method == "GET":
+        # RequestContext answers the same request from here next time: the same headers, as a hit.
+        hit_headers = _variant_headers(variant, "hit")
+        hit_headers.pop("Content-Type")
+        remembered = Response(variant.data, media_type=media_type, headers=hit_headers).raw_headers
+        key = (request.scope["path"], request.scope["query_string"], request.headers.get("accept", ""))
+        svc.renderer.remember(key, variant, remembered)
+    if request.method == "HEAD":
+        return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
+    return Response(variant.data, media_type=media_type, headers=headers)
+
+
+def _variant_headers(variant: Variant, cache_status: CacheStatus | None) -> dict[str, str]:
+    return render_headers(
         etag=variant.etag,
         media_type=MEDIA_TYPES[variant.format],
         public=variant.public,
         cache_control=variant.cache_control,
         vary_accept=variant.vary_accept,
         filename=variant.filename,
-        cache_status=variant.cache_status,
+        cache_status=cache_status,
     )
-    if variant.data is None:
-        headers.pop("Content-Type")
-        headers.pop("Content-Disposition")
-        return Response(status_code=304, headers=headers)
-    media_type = headers.pop("Content-Type")
-    if request.method == "HEAD":
-        return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
-    return Response(variant.data, media_type=media_type, headers=headers)
 
 
 async def openapi_json(request: Request) -> Response:

@@ -1,4 +1,7 @@
-"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics and the access log."""
+"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics and the access log.
+
+It also answers a remembered render request (an LRU hit, see `Renderer.remembered`) itself, before routing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import logs, metrics
 from imgsvc.headers import SECURITY
+from imgsvc.render import RequestKey
+
+_RENDER_ROUTE = "/img/{id}"
+# Requests a remembered answer may serve: no credentials to check, no validator to compare.
+_FAST_PATH_BLOCKERS = frozenset({b"authorization", b"if-none-match", b"range"})
+_REMEMBERED_REQUESTS = {m: metrics.requests_total.labels(_RENDER_ROUTE, m, "2xx") for m in ("GET", "HEAD")}
+_REMEMBERED_SECONDS = metrics.request_seconds.labels(_RENDER_ROUTE, "2xx")
+_BYTES_OUT = metrics.bytes_total.labels("out")
 
 
 class RequestContext:
@@ -20,12 +31,15 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         rid = header(scope, b"x-request-id")
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = uuid.uuid4().hex
+        remembered = scope["path"].startswith("/img/") and scope["method"] in ("GET", "HEAD")
+        if remembered and await self._send_remembered(scope, send, rid, started):
+            return
         scope.setdefault("state", {})["request_id"] = rid
         token = logs.request_id.set(rid)
-        started = time.perf_counter()
         status, sent, received = 500, 0, 0
 
         async def receive_counted() -> Message:
@@ -59,11 +73,46 @@ class RequestContext:
             metrics.bytes_total.labels("out").inc(sent)
             logs.request_id.reset(token)
             if self.access_log:
-                client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
-                fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
-                          "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
-                          "request_id": rid}  # fmt: skip
-                logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+                self._log(scope, route, status, elapsed, received, sent, rid)
+
+    async def _send_remembered(self, scope: Scope, send: Send, rid: str, started: float) -> bool:
+        """Answer from the renderer's remembered hits; False when this request must take the full path."""
+        accept = ""
+        for key, value in scope["headers"]:
+            key = key.lower()
+            if key in _FAST_PATH_BLOCKERS:
+                return False
+            if key == b"accept":
+                accept = value.decode("latin-1")
+        app = scope.get("app")
+        services = getattr(getattr(app, "state", None), "services", None)
+        if services is None:
+            return False
+        request: RequestKey = (scope["path"], scope["query_string"], accept)
+        answer = services.renderer.remembered(request)
+        if answer is None:
+            return False
+        headers, body = answer
+        if scope["method"] == "HEAD":
+            body = b""
+        headers = [*headers, (b"x-request-id", rid.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        elapsed = time.perf_counter() - started
+        _REMEMBERED_REQUESTS[scope["method"]].inc()
+        _REMEMBERED_SECONDS.observe(elapsed)
+        _BYTES_OUT.inc(len(body))
+        if self.access_log:
+            self._log(scope, _RENDER_ROUTE, 200, elapsed, 0, len(body), rid)
+        return True
+
+    @staticmethod
+    def _log(scope: Scope, route: str, status: int, elapsed: float, received: int, sent: int, rid: str) -> None:
+        client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
+        fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
+                  "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
+                  "request_id": rid}  # fmt: skip
+        logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
 
 
 def loggable_uri(scope: Scope) -> str:

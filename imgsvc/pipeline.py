@@ -1,6 +1,7 @@
 """pyvips: `probe(bytes)` validates an original, `render(bytes, spec, fmt)` makes one variant.
 
-Pure and synchronous, for worker threads; `configure_libvips()` (imgsvc.vips_setup) runs first, once.
+Synchronous, for worker threads; the only state is the optional shared cache of decoded sources.
+`configure_libvips()` (imgsvc.vips_setup) runs first, once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 
 import pyvips
 
+from imgsvc import metrics
+from imgsvc.cache import SharedByteLRU
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
 from imgsvc.spec import DEFAULT_QUALITY, Gravity, OutputFormat, SourceFormat, TransformSpec
 from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
@@ -21,10 +24,12 @@ log = logging.getLogger("imgsvc.pipeline")
 
 __all__ = [
     "PIPELINE_VERSION",
+    "DecodedSource",
     "PipelineLimits",
     "Probe",
     "Rendered",
     "configure_libvips",
+    "decoded_bytes",
     "probe",
     "render",
     "sniff_format",
@@ -51,6 +56,11 @@ _WEBP_EFFORT = 4
 _WEBP_MAX_DIMENSION = 16383  # libwebp's limit
 _AVIF_EFFORT = 3
 _PNG_COMPRESSION = 6
+
+# Sources whose decoded pixels may be kept for the next render of the same original: JPEG at each DCT
+# scale (1/1, 1/2, 1/4, 1/8), PNG in full. The rest decode at a scale that varies with the output size.
+_DECODE_CACHED_SOURCES: frozenset[SourceFormat] = frozenset({"jpeg", "png"})
+_BAND_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4, "double": 8}
 
 _ANIMATED_SOURCES: frozenset[SourceFormat] = frozenset({"gif", "webp"})
 _ANIMATED_OUTPUTS: frozenset[OutputFormat] = frozenset({"gif", "webp"})
@@ -86,10 +96,29 @@ class Rendered:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodedSource:
+    """Where a render finds, or leaves, its original's decoded pixels: `cache[(key, jpeg shrink)]`.
+
+    `key` names the original's bytes (its sha256); `group` is the image id that a delete evicts by.
+    """
+
+    cache: SharedByteLRU[tuple[str, int], pyvips.Image]
+    key: str
+    group: str = ""
+
+
+def decoded_bytes(image: pyvips.Image) -> int:
+    """Memory held by a decoded (in-memory) image."""
+    return int(image.width * image.height * image.bands * _BAND_BYTES.get(image.format, 8))
+
+
+@dataclass(frozen=True, slots=True)
 class _Header:
     probe: Probe
     has_icc: bool
     palette: bool
+    stored_size: tuple[int, int]  # as decoded, before EXIF orientation
+    pixel_bytes: int  # bands x bytes per band
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +168,9 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
     return replace(header.probe, has_alpha=transparent)
 
 
-def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: PipelineLimits) -> Rendered:
+def render(
+    data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: PipelineLimits, decoded: DecodedSource | None = None
+) -> Rendered:
     """Render one variant: orient, resize (never enlarging), crop/pad, blur, flatten, encode, strip metadata.
 
     Geometry follows sharp's `fit` with `withoutEnlargement`. Given only `width` or only `height`, every fit
@@ -149,7 +180,9 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
     and the requested aspect ratio is kept, at a smaller size. `contain` pads with the opaque `background`
     colour even for outputs with alpha (an explicit bg is the caller's choice), placed by `gravity`.
     smart/entropy gravity crops by libvips attention/entropy; for animations (and `contain`) it is `center`.
-    Raises like `probe`; a render past its deadline raises RenderTimeout.
+    With `decoded`, a static JPEG or PNG is decoded once per scale and later renders start from those pixels
+    (the same output: libvips' own thumbnail from the same decode). Raises like `probe`; a render past its
+    deadline raises RenderTimeout.
     """
     configure_libvips()
     deadline = Deadline(limits.timeout_seconds)
@@ -159,18 +192,23 @@ def render(data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: Pipeline
     plan = _plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
     rgb = _parse_rgb(spec.background)
+    # Only images with an embedded profile pay for the ICC transform; untagged is assumed sRGB and CMYK is
+    # always converted to sRGB by thumbnail itself.
+    profile = {"output_profile": "srgb"} if header.has_icc else {}
     started = time.perf_counter()
     try:
-        image = pyvips.Image.thumbnail_buffer(
-            data,
-            plan.resize[0],
-            height=plan.resize[1],
-            size="force",  # `plan` already decided the exact size (and never enlarges)
-            option_string=_load_options(animate=animate),
-            # Only images with an embedded profile pay for the ICC transform; untagged is assumed sRGB and
-            # CMYK is always converted to sRGB by thumbnail itself.
-            **({"output_profile": "srgb"} if header.has_icc else {}),
-        )
+        pixels = _cached_decode(data, header, plan, deadline, decoded) if decoded and not animate else None
+        if pixels is not None:  # `size="force"`: `plan` already decided the exact size (and never enlarges)
+            image = pyvips.Image.thumbnail_image(pixels, plan.resize[0], height=plan.resize[1], size="force", **profile)
+        else:
+            image = pyvips.Image.thumbnail_buffer(
+                data,
+                plan.resize[0],
+                height=plan.resize[1],
+                size="force",
+                option_string=_load_options(animate=animate),
+                **profile,
+            )
         image = _to_8bit(deadline.watch(image))
         frames = source.frames if animate else 1
         image = _per_frame(image, frames, lambda frame: _finish_frame(frame, plan, spec, rgb, deadline))
@@ -206,6 +244,7 @@ def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
         has_icc = image.get_typeof("icc-profile-data") != 0
         palette = _int_field(image, "palette", 0) != 0
         width, height, has_alpha = image.width, image.height, bool(image.hasalpha())
+        stored, pixel_bytes = (width, height), image.bands * _BAND_BYTES.get(image.format, 8)
     except pyvips.Error as exc:
         raise UndecodableImage(f"the {fmt} header cannot be read") from exc
     if loader != EXPECTED_LOADER[fmt]:
@@ -218,7 +257,40 @@ def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
         raise ImageTooLarge(
             f"{width}x{height} pixels x {frames} frame(s) exceeds the limit of {limits.max_pixels} pixels"
         )
-    return _Header(Probe(fmt, width, height, frames, has_alpha), has_icc, palette)
+    return _Header(Probe(fmt, width, height, frames, has_alpha), has_icc, palette, stored, pixel_bytes)
+
+
+def _cached_decode(
+    data: bytes, header: _Header, plan: _Plan, deadline: Deadline, decoded: DecodedSource
+) -> pyvips.Image | None:
+    """The source decoded as libvips' thumbnail would load it, from `decoded.cache` or decoded into it.
+
+    None when the source is not cacheable (format, animation, or more bytes than a quarter of the cache).
+    """
+    source = header.probe
+    if source.format not in _DECODE_CACHED_SOURCES or source.frames > 1:
+        return None
+    shrink = _jpeg_shrink(source, plan) if source.format == "jpeg" else 1
+    width, height = (-(-side // shrink) for side in header.stored_size)
+    if width * height * header.pixel_bytes > decoded.cache.max_bytes // 4:
+        return None
+    key = (decoded.key, shrink)
+    pixels = decoded.cache.get(key)
+    metrics.cache_total.labels("decoded", "miss" if pixels is None else "hit").inc()
+    if pixels is None:
+        options = {"shrink": shrink} if source.format == "jpeg" else {}
+        loaded = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error", **options)
+        pixels = deadline.watch(loaded).copy_memory()
+        if deadline.expired():
+            raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
+        decoded.cache.put(key, pixels, decoded.group)
+    return pixels
+
+
+def _jpeg_shrink(source: Probe, plan: _Plan) -> int:
+    """libvips thumbnail's shrink-on-load for JPEG: a DCT scale that leaves at least 2x for the resize."""
+    factor = min(source.width / plan.resize[0], source.height / plan.resize[1])
+    return 8 if factor >= 16 else 4 if factor >= 8 else 2 if factor >= 4 else 1
 
 
 def _int_field(image: pyvips.Image, name: str, default: int) -> int:

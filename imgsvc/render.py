@@ -1,7 +1,7 @@
 """The render flow in one place: lookup -> authorize -> key -> 304 / cache / single-flight -> fetch -> pipeline.
 
-Everything that decides the response bytes is known before any pixel work, so a
-matching `If-None-Match` is answered without touching storage or libvips.
+Everything that decides the response is known before any pixel work: a matching `If-None-Match` needs no
+storage or libvips, and a repeated anonymous request for a public LRU variant is `remembered()` whole.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+import pyvips
 from cachetools import TTLCache
 
 from imgsvc import metrics, pipeline
 from imgsvc.auth import Principal, may_view
-from imgsvc.cache import ByteLRU, SingleFlight
+from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, ImageRecord
 from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, RenderTimeout, Unauthorized
 from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
@@ -24,6 +25,18 @@ from imgsvc.storage import BlobStore, BlobTooLarge, blob_key
 from imgsvc.workers import WorkerPool
 
 log = logging.getLogger("imgsvc.render")
+_VARIANT_HIT = metrics.cache_total.labels("variant", "hit")
+
+
+# A request as the hit index knows it: path, raw query string, Accept header.
+RequestKey = tuple[str, bytes, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RememberedHit:
+    variant_key: str
+    headers: list[tuple[bytes, bytes]]  # the complete response headers of a 200, but the request id
+    expires: float  # time.monotonic(): like a cached record, trusted for record_ttl only
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +48,13 @@ class Variant:
     cache_control: str
     data: bytes | None = None  # None: the client's copy is current (304)
     cache_status: CacheStatus | None = None
+    expires: int | None = None  # a signed URL's exp
+    key: str = ""  # in the variant LRU
+
+    @property
+    def rememberable(self) -> bool:
+        """Whether every anonymous request for the same URL gets these very bytes and headers."""
+        return self.public and self.expires is None and self.data is not None
 
     @property
     def public(self) -> bool:
@@ -56,7 +76,9 @@ class Renderer:
         limits: pipeline.PipelineLimits,
         variant_cache_bytes: int,
         original_cache_bytes: int,
+        decoded_cache_bytes: int = 0,
         record_ttl: float = 30.0,
+        remembered_requests: int = 10_000,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -65,12 +87,20 @@ class Renderer:
         self.limits = limits
         self.variants: ByteLRU[str, bytes] = ByteLRU(variant_cache_bytes, len)
         self.originals: ByteLRU[str, bytes] = ByteLRU(original_cache_bytes, len)
+        self.decoded: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(
+            decoded_cache_bytes, pipeline.decoded_bytes
+        )
         self.records: TTLCache[str, ImageRecord] = TTLCache(maxsize=50_000, ttl=record_ttl)
         # Ids deleted here, remembered as long as a record could be cached, so that a lookup which
         # raced the delete cannot put the record back.
         self.deleted: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
         # Cached records are only trusted while deletes reach this replica (the delete listener is up).
         self.records_trusted = False
+        self.record_ttl = record_ttl
+        # Anonymous requests for public variants, by their exact URL, so a repeat skips parsing, lookup and
+        # policy; the bytes stay in (and are bounded by) the variant LRU. Counted in entries.
+        self._remembered_requests = remembered_requests
+        self.hits: ByteLRU[RequestKey, RememberedHit] = ByteLRU(remembered_requests, lambda _: 1)
         self._renders: SingleFlight[str, bytes] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
         self.renders_started = 0
@@ -91,12 +121,35 @@ class Renderer:
         self.records.pop(image_id, None)
         self.variants.evict_group(image_id)
         self.originals.evict_group(image_id)
+        self.decoded.evict_group(image_id)
+        self.hits.evict_group(image_id)
 
     def trust_records(self, trusted: bool) -> None:
         """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
         if trusted and not self.records_trusted:
             self.records.clear()
+            self.hits = ByteLRU(self._remembered_requests, lambda _: 1)
         self.records_trusted = trusted
+
+    def remember(self, request: RequestKey, variant: Variant, headers: list[tuple[bytes, bytes]]) -> None:
+        """Answer the same anonymous request from the variant LRU next time (see `remembered`)."""
+        if variant.rememberable and self.variants.max_bytes and variant.image.id not in self.deleted:
+            expires = time.monotonic() + self.record_ttl
+            self.hits.put(request, RememberedHit(variant.key, headers, expires), group=variant.image.id)
+
+    def remembered(self, request: RequestKey) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """(headers, body) of a remembered request whose variant is still in the LRU, or None.
+
+        Only while deletes reach this replica, and for `record_ttl` after the full path last ran.
+        """
+        hit = self.hits.get(request) if self.records_trusted else None
+        if hit is None or hit.expires < time.monotonic():
+            return None
+        data = self.variants.get(hit.variant_key)
+        if data is None:
+            return None
+        _VARIANT_HIT.inc()
+        return hit.headers, data
 
     async def render(
         self,
@@ -118,10 +171,10 @@ class Renderer:
         etag = render_etag(image.sha256, spec.render_key(), fmt, pipeline.PIPELINE_VERSION)
         public = image.visibility == "public"
         cache_control = variant_cache_control(public=public, expires=grant.expires, now=time.time())
-        variant = Variant(image, fmt, etag, vary, cache_control)
+        key = f"{image.sha256}|{spec.render_key()}|{fmt}"
+        variant = Variant(image, fmt, etag, vary, cache_control, expires=grant.expires, key=key)
         if etag_matches(if_none_match, etag):
             return variant
-        key = f"{image.sha256}|{spec.render_key()}|{fmt}"
         data = self.variants.get(key)
         metrics.cache_total.labels("variant", "miss" if data is None else "hit").inc()
         if data is not None:
@@ -133,8 +186,9 @@ class Renderer:
                 original = await self.fetch_original(image)
                 metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
                 self.renders_started += 1
+                decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.id)
                 try:
-                    rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits)
+                    rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
                 except RenderTimeout:
                     metrics.render_rejections.labels("deadline").inc()
                     raise

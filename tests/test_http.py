@@ -218,8 +218,9 @@ async def test_variant_lru_is_bounded_in_bytes_and_delete_evicts(settings) -> No
         assert 0 < len(renderer.variants) < 5
         assert (await client.get(f"/img/{image_id}?w=384&fmt=webp")).headers["x-cache"] == "hit"
         assert (await client.get(f"/img/{image_id}?w=64&fmt=webp")).headers["x-cache"] == "miss"
+        assert len(renderer.decoded) == 3  # the JPEG decoded at 1/8 (64-128 px), 1/4 (256) and 1/2 (384)
         assert (await client.delete(f"/images/{image_id}")).status_code == 204
-        assert len(renderer.variants) == 0 and len(renderer.originals) == 0
+        assert len(renderer.variants) == 0 and len(renderer.originals) == 0 and len(renderer.decoded) == 0
         assert (await client.get(f"/img/{image_id}?w=384&fmt=webp")).status_code == 404
 
 

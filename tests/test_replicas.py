@@ -36,7 +36,7 @@ async def test_delete_on_one_replica_is_404_on_the_other_within_a_second(setting
         elapsed = await wait_for_status(b, url, 404)
         assert elapsed < 1.0
         renderer = b.app.state.services.renderer  # type: ignore[attr-defined]
-        assert len(renderer.variants) == 0
+        assert len(renderer.variants) == 0 and len(renderer.decoded) == 0
 
 
 async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recovers(

@@ -1,0 +1,138 @@
+"""Remembered hits: a repeated anonymous request for a public variant is answered before routing, with the
+same status, headers and bytes as the full path, and never for what the full path would refuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imgsvc.client import RenderUrls
+from imgsvc.errors import OriginalUnavailable
+from imgsvc.render import Renderer
+from tests.conftest import FLICKR, PHOTO, app_client, with_settings
+
+K1 = ("k1", "0123456789abcdef0123456789abcdef")
+
+
+async def _upload(client: httpx.AsyncClient, path: Path = FLICKR, **params: str) -> str:
+    response = await client.post(
+        "/images", params=params, content=path.read_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def _renderer(client: httpx.AsyncClient) -> Renderer:
+    return client.app.state.services.renderer  # type: ignore[attr-defined,no-any-return]
+
+
+def _without_request_id(response: httpx.Response) -> list[tuple[str, str]]:
+    return sorted((k, v) for k, v in response.headers.multi_items() if k != "x-request-id")
+
+
+def _break_full_path(renderer: Renderer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, only a remembered answer can be a 200."""
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise OriginalUnavailable("the full path was taken")
+
+    monkeypatch.setattr(renderer, "render", broken)
+
+
+async def test_a_repeat_is_answered_as_the_full_path_would(client: httpx.AsyncClient, monkeypatch) -> None:
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=96&fmt=webp"
+    first = await client.get(url)
+    full_hit = await client.get(url, headers={"If-None-Match": '"other"'})  # a validator: the full path
+    assert (first.headers["x-cache"], full_hit.headers["x-cache"]) == ("miss", "hit")
+    _break_full_path(_renderer(client), monkeypatch)
+    remembered = await client.get(url, headers={"X-Request-ID": "abc-123"})
+    assert remembered.status_code == 200
+    assert remembered.content == first.content
+    assert _without_request_id(remembered) == _without_request_id(full_hit)
+    assert remembered.headers["x-request-id"] == "abc-123"
+    assert remembered.headers["x-content-type-options"] == "nosniff"
+    head = await client.head(url)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == str(len(first.content))
+
+
+async def test_accept_negotiated_variants_are_remembered_per_accept(client: httpx.AsyncClient, monkeypatch) -> None:
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=auto"
+    webp, jpeg = {"Accept": "image/webp,*/*"}, {"Accept": "image/png,*/*"}
+    for headers in (webp, jpeg):
+        assert (await client.get(url, headers=headers)).status_code == 200
+    _break_full_path(_renderer(client), monkeypatch)
+    assert (await client.get(url, headers=webp)).headers["content-type"] == "image/webp"
+    assert (await client.get(url, headers=jpeg)).headers["content-type"] == "image/jpeg"
+    assert (await client.get(url, headers={"Accept": "image/avif"})).status_code == 500  # never seen: full path
+
+
+async def test_a_delete_is_not_outlived(client: httpx.AsyncClient) -> None:
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=webp"
+    assert (await client.get(url)).status_code == 200
+    assert len(_renderer(client).hits) == 1
+    assert (await client.delete(f"/images/{image_id}")).status_code == 204
+    assert len(_renderer(client).hits) == 0
+    assert (await client.get(url)).status_code == 404
+
+
+async def test_credentials_validators_and_ranges_take_the_full_path(client: httpx.AsyncClient, monkeypatch) -> None:
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=webp"
+    etag = (await client.get(url)).headers["etag"]
+    _break_full_path(_renderer(client), monkeypatch)
+    for headers in ({"Authorization": "Bearer x"}, {"If-None-Match": etag}, {"Range": "bytes=0-9"}):
+        assert (await client.get(url, headers=headers)).status_code == 500, headers
+    assert (await client.get(url)).status_code == 200
+
+
+async def test_private_and_expiring_renders_are_never_remembered(settings) -> None:
+    async with app_client(with_settings(settings, signing_keys=(K1,))) as client:
+        renderer = _renderer(client)
+        private = await _upload(client, PHOTO, visibility="private")
+        public = await _upload(client)
+        urls = RenderUrls("http://testserver", [K1])
+        assert (await client.get(urls.url(private, w=64, expires_in=600))).status_code == 200
+        assert (await client.get(urls.url(public, w=64, expires_in=600))).status_code == 200
+        assert (await client.get(f"/img/{private}?w=64")).status_code == 200  # IMGSVC_AUTH=none: anyone's
+        assert len(renderer.hits) == 0
+        assert (await client.get(urls.url(public, w=64))).status_code == 200  # signed, no exp: cacheable forever
+        assert len(renderer.hits) == 1
+
+
+async def test_only_while_deletes_arrive_and_for_the_record_ttl(client: httpx.AsyncClient, monkeypatch) -> None:
+    renderer = _renderer(client)
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=webp"
+    assert (await client.get(url)).status_code == 200
+    _break_full_path(renderer, monkeypatch)
+    renderer.records_trusted = False  # the delete listener is down
+    assert (await client.get(url)).status_code == 500
+    renderer.trust_records(True)  # back: whatever was remembered may have missed a delete
+    assert len(renderer.hits) == 0
+
+
+async def test_a_remembered_request_expires_after_the_record_ttl(client: httpx.AsyncClient, monkeypatch) -> None:
+    renderer = _renderer(client)
+    renderer.record_ttl = 0.0
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=webp"
+    assert (await client.get(url)).status_code == 200
+    _break_full_path(renderer, monkeypatch)
+    assert (await client.get(url)).status_code == 500
+
+
+async def test_an_evicted_variant_is_rendered_again(settings) -> None:
+    async with app_client(with_settings(settings, cache_bytes=2_000)) as client:
+        image_id = await _upload(client)
+        small, other = f"/img/{image_id}?w=64&fmt=webp", f"/img/{image_id}?w=72&fmt=webp"
+        first = await client.get(small)
+        second = await client.get(other)  # pushes the first out of a 2 kB LRU
+        assert len(first.content) + len(second.content) > 2_000 > len(second.content)
+        again = await client.get(small)
+        assert (again.status_code, again.headers["x-cache"], again.content) == (200, "miss", first.content)
