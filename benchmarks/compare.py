@@ -40,8 +40,18 @@ def start_all(tmp: Path, found: dict) -> tuple[list[servers.Server], list[server
             return None
 
     miss = attempt("imgsvc", servers.start_imgsvc, tmp, "imgsvc", IMGSVC_CACHE_BYTES="0")
+    cold = attempt(
+        servers.DECODE_EVERY_TIME,
+        servers.start_imgsvc,
+        tmp,
+        "imgsvc-cold",
+        IMGSVC_CACHE_BYTES="0",
+        IMGSVC_DECODED_CACHE_BYTES="0",
+    )
+    if cold:
+        cold.name = servers.DECODE_EVERY_TIME
     lru = attempt("imgsvc LRU", servers.start_imgsvc, tmp, "imgsvc-lru")
-    renderers += [s for s in (miss,) if s]
+    renderers += [s for s in (miss, cold) if s]
     for name, start in (("thumbor", servers.start_thumbor), ("ipx", servers.start_ipx)):
         if "error" in found["versions"].get(name, {}):
             found["failures"][name] = f"not installed: {found['versions'][name]['error'][:300]}"
@@ -156,6 +166,19 @@ def load(renderers, hits, workloads, args, found, tmp: Path) -> None:  # type: i
                 run_one(server, found, (server.name, "hits", c), server.url + server.hit_path, args.hit_seconds, None)
 
 
+def soak(server: servers.Server, wl: Workload, seconds: float, tmp: Path, found: dict) -> None:
+    """imgsvc's memory under `seconds` of wl at 32 connections: the tree's RSS every 5 s, and the requests."""
+    script = tmp / f"soak-{wl.key}.lua"
+    script.write_text(wl.lua_script(server.template(wl)))
+    measure.quiesce(server.pids)
+    samples: list[tuple[float, int]] = []
+    began = time.monotonic()
+    with measure.RssSeries(server.pids, 5.0, samples):
+        run = measure.wrk(server.url, 32, seconds, str(script), server.pids)
+    found["soak"] = {"workload": wl, "seconds": seconds, "samples": samples, "run": run, "began": began}
+    print(f"  soak {wl.key} c=32 {seconds:g}s: {run.rps:,.1f} req/s, peak {max(r for _, r in samples) / 2**20:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -163,6 +186,7 @@ def main() -> None:
     parser.add_argument("--hit-seconds", type=float, default=5, help="each measured hit/ceiling run")
     parser.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[8, 32])
     parser.add_argument("--workloads", default=",".join(wl.key for wl in WORKLOADS))
+    parser.add_argument("--soak-seconds", type=float, default=300, help="imgsvc W4 c=32 memory run; 0 skips it")
     parser.add_argument("--check-only", action="store_true", help="start, check one response each, stop")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -186,6 +210,9 @@ def main() -> None:
             print(report.outputs_table(found, renderers, workloads), flush=True)
             if not args.check_only:
                 load(renderers, hits, workloads, args, found, tmp)
+                imgsvc = next((r for r in renderers if r.name == "imgsvc"), None)
+                if args.soak_seconds and imgsvc and "imgsvc" not in found["failures"]:
+                    soak(imgsvc, next(wl for wl in WORKLOADS if wl.key == "W4"), args.soak_seconds, tmp, found)
         finally:
             for server in reversed(renderers + hits):  # H2's nginx before its upstream, imgsvc LRU
                 server.stop()

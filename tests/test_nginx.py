@@ -381,7 +381,8 @@ def test_imgsvc_sees_the_real_client_address(http: httpx.Client, origin: NginxPr
     for uri in (f"/img/{image_id}?w=64", f"/images/{image_id}"):
         (entry,) = app_requests(server, "GET", uri)
         assert entry["client"] == "127.0.0.2", entry  # from the trusted proxy's header, not the forged one
-    assert {e["client"] for e in origin.log() if e["uri"].endswith(f"{image_id}?w=64")} == {"127.0.0.2"}
+    logged = origin.wait_for_log(lambda e: e["uri"].endswith(f"{image_id}?w=64"), 1)
+    assert {e["client"] for e in logged} == {"127.0.0.2"}
 
 
 # ---- limits and routes -------------------------------------------------------------------------

@@ -107,6 +107,28 @@ class PeakRss:
         self._thread.join()
 
 
+class RssSeries:
+    """Appends (seconds since start, the tree's RSS) to `samples` every `every` seconds while in use."""
+
+    def __init__(self, pids: list[int], every: float, samples: list[tuple[float, int]]) -> None:
+        self.pids, self.every, self.samples, self._stop = pids, every, samples, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        began = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - began, rss_bytes(self.pids)))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> RssSeries:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass
 class Run:
     rps: float

@@ -134,6 +134,66 @@ def _hit_rows(found: dict, hits: list[servers.Server], conns: list[int]) -> list
     return rows
 
 
+def _per_round(runs: list[measure.Run], bases: list[list[measure.Run]]) -> list[float]:
+    """Each round's rate ÷ the best of `bases` in the same round."""
+    out = []
+    for i, run in enumerate(runs):
+        best = max((b[i].rps for b in bases if i < len(b)), default=0.0)
+        if best:
+            out.append(run.rps / best)
+    return out
+
+
+def _target_rows(found: dict, renderers: list[servers.Server], workloads: list[Workload], conns: list[int]) -> list:
+    peers = [s.name for s in renderers if not s.name.startswith("imgsvc")]
+    ours = [s.name for s in renderers if s.name.startswith("imgsvc")]
+    rows = []
+    for wl in workloads:
+        refs = [r["rps"] for r in found["reference"][wl.key]]
+        c8 = {name: found["runs"].get((name, wl.key, conns[0]), []) for name in peers}
+        best_peer = max(c8, key=lambda n: measure.median_run(c8[n]).rps if c8[n] else 0.0, default=None)
+        for name in ours:
+            cells = []
+            for c in conns:
+                runs = found["runs"].get((name, wl.key, c), [])
+                bases = [found["runs"].get((peer, wl.key, c), []) for peer in peers]
+                ratios = _per_round(runs, bases)
+                cells.append(f"×{statistics.median(ratios):.2f}" if ratios else "–")
+                cells.append(_ratio(runs, refs))
+            size, score, _ = found["outputs"][wl.key].get(name, (0, math.nan, ""))
+            peer_size, peer_score, _ = (
+                found["outputs"][wl.key].get(best_peer, (0, math.nan, "")) if best_peer else (0, 0, "")
+            )
+            versus = f"{size / peer_size - 1:+.1%} B, SSIM {score:.4f} vs {peer_score:.4f}" if peer_size else "–"
+            rows.append([wl.key, name, *cells, f"{best_peer}: {versus}" if best_peer else "–"])
+    return rows
+
+
+def _soak(found: dict) -> list[str]:
+    soak = found.get("soak")
+    if not soak:
+        return []
+    samples, run, wl = soak["samples"], soak["run"], soak["workload"]
+    rows = []
+    for minute in range(math.ceil(soak["seconds"] / 60)):
+        window = [rss for t, rss in samples if minute * 60 <= t < (minute + 1) * 60]
+        if window:
+            rows.append([f"{minute}–{minute + 1}", f"{min(window) / 2**20:.0f}", f"{max(window) / 2**20:.0f}"])
+    first, last = (max(float(r[2]) for r in part) for part in (rows[:1], rows[-1:]))
+    peak = max(rss for _, rss in samples) / 2**20
+    return [
+        "",
+        f"## Memory: imgsvc under {wl.label} at 32 connections for {soak['seconds'] / 60:.1f} minutes",
+        "",
+        f"The `imgsvc` renderer above (defaults, variant LRU off so every request renders), its process tree "
+        f"(imgsvc and its embedded Postgres) sampled every 5 s: **peak {peak:.0f} MiB**, highest sample of the "
+        f"first minute {first:.0f} MiB, of the last {last:.0f} MiB ({last - first:+.0f} MiB); "
+        f"{run.rps:,.1f} req/s, {run.errors} errors, {run.requests:,} requests.",
+        "",
+        _table(["minute", "RSS min MiB", "RSS max MiB"], rows),
+    ]
+
+
 def _versions(found: dict) -> list[str]:
     def tool(command: list[str]) -> str:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -193,6 +253,13 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         "stays, as the peers read the file from local disk), thumbor has no storage and no result storage, ipx has "
         "no result cache. No request repeats one in flight (see `peers/workloads.py`); imgsvc's /metrics show "
         f"single-flight merged {found['merged'][0]:.0f} of {found['merged'][1]:.0f} variant misses during the load.",
+        "- `imgsvc` runs its defaults, which keep decoded JPEG (per DCT scale) and PNG originals in an LRU "
+        "(`IMGSVC_DECODED_CACHE_BYTES`, 128 MiB): every request still resizes, crops and encodes, but after the "
+        "first request for a source and scale it does not decode the original again. That is real for a CDN "
+        "origin (several sizes and formats of a new image are asked for within seconds), and it is the whole "
+        f"point here, since a workload renders one source; `{servers.DECODE_EVERY_TIME}` "
+        "(`IMGSVC_DECODED_CACHE_BYTES=0`) decodes for every request as the peers do, and is the row to compare "
+        "pipelines with.",
         f"- {args.rounds} rounds; in each, per workload: the reference, then each renderer at each concurrency, the "
         f"server order rotating by round; {args.seconds:g} s per run (hits {args.hit_seconds:g} s) after a 3 s "
         "warm-up per server and workload before round 1. Before every run the server is left to finish "
@@ -205,6 +272,23 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         f"- Reference: `peers/reference.py`, `pyvips.Image.thumbnail_buffer(src, w).write_to_buffer(ext, Q=q)`, "
         f"{servers.CORES} threads back to back in one process, no HTTP; its CPU is the process's CPU time per "
         "render and its RSS `ru_maxrss`. Its rate does not depend on the connection count.",
+        "",
+        "## Targets",
+        "",
+        "×best peer: median over rounds of (imgsvc req/s ÷ the faster of thumbor and ipx in the same round); "
+        "×ref: the same against the pyvips reference. Bytes and SSIM: imgsvc's output against the peer with the "
+        f"higher median rate at c={conns[0]} (table at the end). `{servers.DECODE_EVERY_TIME}` decodes the original "
+        "for every request, as the peers do; `imgsvc` (the defaults) keeps decoded JPEG/PNG originals (see Method).",
+        "",
+        _table(
+            [
+                "wl",
+                "server",
+                *[h for c in conns for h in (f"×best peer c={c}", f"×ref c={c}")],
+                "bytes / SSIM vs that peer",
+            ],
+            _target_rows(found, renderers, workloads, conns),
+        ),
         "",
         "## Renders (every request renders)",
         "",
@@ -253,15 +337,17 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         "## Notes",
         "",
         "- Encoders run with each server's defaults but the quality. WebP: effort/method 4 everywhere. AVIF (W5): "
-        "the reference uses pyvips `heifsave` defaults (effort 4, 4:2:0), imgsvc effort 3, ipx sharp's defaults "
-        "(effort 4, 4:4:4 chroma), thumbor Pillow's libavif speed 6; so W5 mostly compares encoder settings, and the "
-        "quality scales of libheif and Pillow differ (compare bytes and SSIM). JPEG (W2): ipx asks sharp for "
-        "progressive output; thumbor decodes JPEGs with Pillow `draft` (DCT scaling) before its Lanczos resize.",
+        "the reference uses pyvips `heifsave` defaults (effort 4, 4:2:0), imgsvc effort 3 (libaom speed 6), "
+        "ipx sharp's defaults (effort 4, 4:4:4 chroma), thumbor Pillow's libavif speed 6; so W5 mostly compares "
+        "encoder settings, and the quality scales of libheif and Pillow differ (compare bytes and SSIM). "
+        "JPEG (W2): ipx asks sharp for progressive output; thumbor decodes JPEGs with Pillow `draft` (DCT "
+        "scaling) before its Lanczos resize.",
         "- ×ref above 1 is possible: the reference keeps exactly one render per core in flight and JPEG/PNG "
         "decoding is mostly single-threaded, so it can leave CPU idle that a server with more renders in flight uses.",
         "- imgsvc's process tree includes its embedded Postgres; H2's tree is nginx plus that imgsvc. Latency "
         "percentiles are wrk's, of completed requests only (at c=32, W5 completes few requests per run).",
     ]
+    parts += _soak(found)
     if found["failures"]:
         parts += ["", "## Not measured", "", *[f"- {name}: {why}" for name, why in found["failures"].items()]]
     return "\n".join(parts) + "\n"

@@ -31,6 +31,7 @@ from tests.nginx_process import NginxProcess, find_nginx
 BENCH = Path(__file__).resolve().parents[1]
 LOGS = BENCH / ".peers" / "logs"  # the servers' output, kept after the run
 CORES = os.cpu_count() or 1
+DECODE_EVERY_TIME = "imgsvc, decoded cache off"
 
 
 @dataclass
