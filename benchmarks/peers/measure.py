@@ -86,27 +86,6 @@ def quiesce(pids: list[int], timeout: float = 90.0) -> float:
     return time.monotonic() - began
 
 
-class PeakRss:
-    """Samples the tree's RSS every 0.2 s in a thread while in use."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids, self.peak, self._stop = pids, 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pids))
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class RssSeries:
     """Appends (seconds since start, the tree's RSS) to `samples` every `every` seconds while in use."""
 
@@ -127,6 +106,17 @@ class RssSeries:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class PeakRss(RssSeries):
+    """The tree's peak RSS, sampled every 0.2 s while in use."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(pids, 0.2, [])
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.samples), default=0)
 
 
 @dataclass

@@ -337,7 +337,7 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         "## Notes",
         "",
         "- Encoders run with each server's defaults but the quality. WebP: effort/method 4 everywhere. AVIF (W5): "
-        "the reference uses pyvips `heifsave` defaults (effort 4, 4:2:0), imgsvc effort 3 (libaom speed 6), "
+        "the reference uses pyvips `heifsave` defaults (effort 4, 4:2:0), imgsvc effort 2 (libaom speed 7), "
         "ipx sharp's defaults (effort 4, 4:4:4 chroma), thumbor Pillow's libavif speed 6; so W5 mostly compares "
         "encoder settings, and the quality scales of libheif and Pillow differ (compare bytes and SSIM). "
         "JPEG (W2): ipx asks sharp for progressive output; thumbor decodes JPEGs with Pillow `draft` (DCT "
