@@ -64,6 +64,7 @@ def start_all(tmp: Path, found: dict) -> tuple[list[servers.Server], list[server
         for server in (
             attempt("imgsvc behind nginx (H2)", servers.start_nginx_cache, tmp, lru, lru.hit_path),
             attempt("nginx static", servers.start_nginx_static, tmp, body),
+            attempt(servers.NGINX_STATIC_FILE_CACHE, servers.start_nginx_static, tmp, body, file_cache=True),
             attempt("Starlette fixed bytes", servers.start_fixed, tmp, body),
         ):
             if server:

@@ -169,6 +169,18 @@ def _target_rows(found: dict, renderers: list[servers.Server], workloads: list[W
     return rows
 
 
+def _tuned_ceiling(found: dict, conns: list[int]) -> str:
+    h2, tuned = "imgsvc behind nginx (H2 cache hits)", servers.NGINX_STATIC_FILE_CACHE
+    ratios = []
+    for c in conns:
+        runs, base = found["runs"].get((h2, "hits", c), []), found["runs"].get((tuned, "hits", c), [])
+        ratios.append(f"{_ratio(runs, [r.rps for r in base])} at c={c}")
+    return (
+        "The shipped config keeps cache files open (`open_file_cache`); against a static server that does "
+        f"the same, H2 is {' and '.join(ratios)}."
+    )
+
+
 def _soak(found: dict) -> list[str]:
     soak = found.get("soak")
     if not soak:
@@ -307,7 +319,7 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
         "",
         f"## Hits ({HIT.label} variant, one warmed URL) and ceilings",
         "",
-        "×ceiling: H1 ÷ Starlette fixed bytes, H2 ÷ nginx static file, per round.",
+        "×ceiling: H1 ÷ Starlette fixed bytes, H2 ÷ nginx static file, per round. " + _tuned_ceiling(found, conns),
         "",
         _table(
             [

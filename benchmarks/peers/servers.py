@@ -32,6 +32,7 @@ BENCH = Path(__file__).resolve().parents[1]
 LOGS = BENCH / ".peers" / "logs"  # the servers' output, kept after the run
 CORES = os.cpu_count() or 1
 DECODE_EVERY_TIME = "imgsvc, decoded cache off"
+NGINX_STATIC_FILE_CACHE = "nginx static file + open_file_cache (ceiling)"
 
 
 @dataclass
@@ -211,14 +212,16 @@ def start_nginx_cache(tmp: Path, upstream: Server, path: str) -> Server:
     )
 
 
-def start_nginx_static(tmp: Path, body: bytes) -> Server:
+def start_nginx_static(tmp: Path, body: bytes, *, file_cache: bool = False) -> Server:
+    """nginx serving W1's variant as a file: plain, or with the open_file_cache the shipped config has."""
     binary = find_nginx()
     if binary is None:
         raise RuntimeError("nginx is not installed")
-    work = tmp / "nginx-static"
+    work = tmp / ("nginx-static-fc" if file_cache else "nginx-static")
     (work / "root").mkdir(parents=True)
     (work / "root" / "variant.webp").write_bytes(body)
     port = free_port()
+    cache_line = "    open_file_cache max=10000 inactive=60s; open_file_cache_valid 30s;" if file_cache else ""
     (work / "nginx.conf").write_text(f"""worker_processes auto;
 user {pwd.getpwuid(os.geteuid()).pw_name};
 pid {work}/nginx.pid;
@@ -227,6 +230,7 @@ events {{ worker_connections 4096; }}
 http {{
     access_log off;
     sendfile on;
+{cache_line}
     types {{ image/webp webp; }}
     client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
     uwsgi_temp_path {work}; scgi_temp_path {work};
@@ -235,18 +239,20 @@ http {{
 """)
     command = [binary, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
     url = f"http://127.0.0.1:{port}"
-    proc, startup = launch(command, {}, f"{url}/variant.webp", LOGS / "nginx-static.log")
+    proc, startup = launch(command, {}, f"{url}/variant.webp", LOGS / f"{work.name}.log")
     return Server(
-        "nginx static file (ceiling)",
+        NGINX_STATIC_FILE_CACHE if file_cache else "nginx static file (ceiling)",
         url,
         "nginx -p TMP -c nginx.conf -g 'daemon off;'",
         startup,
         [proc.pid],
         lambda: kill(proc),
         hit_path="/variant.webp",
-        log=LOGS / "nginx-static.log",
+        log=LOGS / f"{work.name}.log",
         proc=proc,
-        note="worker_processes auto, sendfile on, access_log off; the file is W1's variant as imgsvc renders it",
+        note="worker_processes auto, sendfile on, access_log off"
+        + (", open_file_cache as in nginx/imgsvc.conf.template" if file_cache else "")
+        + "; the file is W1's variant as imgsvc renders it",
     )
 
 
