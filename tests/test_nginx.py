@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -235,6 +236,18 @@ def test_an_expired_entry_is_revalidated_with_a_304(short: NginxProcess) -> None
         assert later.content == first.content and stable(later) == stable(first)
         assert http.get(uri).headers["x-cache-status"] == "HIT"
     assert [e["upstream_status"] for e in reached_upstream(short, uri, 3)] == ["200", "304"]
+
+
+def test_a_burst_when_a_hot_entry_expires_is_not_refused(short: NginxProcess) -> None:
+    """A hot entry expires while a CDN edge (one address) asks for it 60 times at once: more than the render
+    tier's per-client burst (20), and every request is still answered."""
+    with httpx.Client(base_url=short.url, timeout=30) as http:
+        uri = f"/img/{upload(http)}?w=64"
+        assert http.get(uri).headers["x-cache-status"] == "MISS"
+        time.sleep(BOUND + 0.2)
+        with concurrent.futures.ThreadPoolExecutor(60) as pool:
+            statuses = list(pool.map(lambda _: http.get(uri).status_code, range(60)))
+        assert statuses == [200] * 60, collections.Counter(statuses)
 
 
 def test_a_deleted_image_stops_being_served_when_its_validity_ends(short: NginxProcess, server: ServerProcess) -> None:
