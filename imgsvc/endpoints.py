@@ -18,7 +18,7 @@ from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
 from imgsvc.render import Variant
 from imgsvc.services import Services
-from imgsvc.spec import parse_query
+from imgsvc.spec import accept_token, parse_query
 from imgsvc.upload import read_body, upload_options
 
 API_CACHE_CONTROL = "private, no-cache"
@@ -177,8 +177,9 @@ async def render_image(request: Request) -> Response:
         # RequestContext answers the same request from here next time: the same headers, as a hit.
         hit_headers = _variant_headers(variant, "hit")
         hit_headers.pop("Content-Type")
-        remembered = Response(variant.data, media_type=media_type, headers=hit_headers).raw_headers
-        key = (request.scope["path"], request.scope["query_string"], request.headers.get("accept", ""))
+        full = Response(variant.data, media_type=media_type, headers=hit_headers).raw_headers
+        remembered = [(name, value) for name, value in full if name != b"content-length"]  # added when sent
+        key = (request.scope["path"], request.scope["query_string"], accept_token(request.headers.get("accept")))
         svc.renderer.remember(key, variant, remembered)
     if request.method == "HEAD":
         return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsvc import logs, metrics
 from imgsvc.headers import SECURITY
 from imgsvc.render import RequestKey
+from imgsvc.spec import accept_token
 
 _RENDER_ROUTE = "/img/{id}"
 # Requests a remembered answer may serve: no credentials to check, no validator to compare.
@@ -89,25 +90,25 @@ class RequestContext:
 
     async def _send_remembered(self, scope: Scope, send: Send, rid: str, started: float) -> bool:
         """Answer from the renderer's remembered hits; False when this request must take the full path."""
-        accept = ""
+        accept: str | None = None
         for key, value in scope["headers"]:
             key = key.lower()
             if key in _FAST_PATH_BLOCKERS:
                 return False
-            if key == b"accept":
+            if key == b"accept" and accept is None:  # the first, as Starlette's headers.get() reads it
                 accept = value.decode("latin-1")
         app = scope.get("app")
         services = getattr(getattr(app, "state", None), "services", None)
         if services is None:
             return False
-        request: RequestKey = (scope["path"], scope["query_string"], accept)
+        request: RequestKey = (scope["path"], scope["query_string"], accept_token(accept))
         answer = services.renderer.remembered(request)
         if answer is None:
             return False
         headers, body = answer
+        headers = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
         if scope["method"] == "HEAD":
             body = b""
-        headers = [*headers, (b"x-request-id", rid.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         elapsed = time.perf_counter() - started

@@ -28,14 +28,14 @@ log = logging.getLogger("imgsvc.render")
 _VARIANT_HIT = metrics.cache_total.labels("variant", "hit")
 
 
-# A request as the hit index knows it: path, raw query string, Accept header.
+# A request as the hit index knows it: path, raw query string, Accept reduced to avif / webp / legacy.
 RequestKey = tuple[str, bytes, str]
 
 
 @dataclass(frozen=True, slots=True)
 class RememberedHit:
     variant_key: str
-    headers: list[tuple[bytes, bytes]]  # the complete response headers of a 200, but the request id
+    headers: list[tuple[bytes, bytes]]  # the response headers of a 200, but the request id and length
     expires: float  # time.monotonic(): like a cached record, trusted for record_ttl only
 
 
@@ -50,6 +50,8 @@ class Variant:
     cache_status: CacheStatus | None = None
     expires: int | None = None  # a signed URL's exp
     key: str = ""  # in the variant LRU
+    looked_up: float = 0.0  # time.monotonic() of the record lookup
+    trust_epoch: int = 0  # Renderer.trust_epoch at the lookup
 
     @property
     def rememberable(self) -> bool:
@@ -96,6 +98,7 @@ class Renderer:
         self.deleted: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
         # Cached records are only trusted while deletes reach this replica (the delete listener is up).
         self.records_trusted = False
+        self.trust_epoch = 0  # bumped whenever records become trusted again (deletes may have been missed)
         self.record_ttl = record_ttl
         # Anonymous requests for public variants, by their exact URL, so a repeat skips parsing, lookup and
         # policy; the bytes stay in (and are bounded by) the variant LRU. Counted in entries.
@@ -129,13 +132,19 @@ class Renderer:
         if trusted and not self.records_trusted:
             self.records.clear()
             self.hits = ByteLRU(self._remembered_requests, lambda _: 1)
+            self.trust_epoch += 1
         self.records_trusted = trusted
 
     def remember(self, request: RequestKey, variant: Variant, headers: list[tuple[bytes, bytes]]) -> None:
         """Answer the same anonymous request from the variant LRU next time (see `remembered`)."""
-        if variant.rememberable and self.variants.max_bytes and variant.image.id not in self.deleted:
-            expires = time.monotonic() + self.record_ttl
-            self.hits.put(request, RememberedHit(variant.key, headers, expires), group=variant.image.id)
+        # Trusted like the record it was rendered from: for record_ttl after its lookup, and only if no delete
+        # since (deleted ids are remembered that long) and the delete listener has not been down meanwhile.
+        expires = variant.looked_up + self.record_ttl
+        if not (variant.rememberable and self.variants.max_bytes and self.records_trusted):
+            return
+        if variant.trust_epoch != self.trust_epoch or expires <= time.monotonic() or variant.image.id in self.deleted:
+            return
+        self.hits.put(request, RememberedHit(variant.key, headers, expires), group=variant.image.id)
 
     def remembered(self, request: RequestKey) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
         """(headers, body) of a remembered request whose variant is still in the LRU, or None.
@@ -161,6 +170,7 @@ class Renderer:
         if_none_match: str | None,
     ) -> Variant:
         grant = self.policy.grant(image_id, query)  # before any I/O: a bad URL costs no database read
+        looked_up, trust_epoch = time.monotonic(), self.trust_epoch
         image = await self.lookup(image_id)
         authorize_view(image, principal, grant)
         spec = query.spec
@@ -172,7 +182,10 @@ class Renderer:
         public = image.visibility == "public"
         cache_control = variant_cache_control(public=public, expires=grant.expires, now=time.time())
         key = f"{image.sha256}|{spec.render_key()}|{fmt}"
-        variant = Variant(image, fmt, etag, vary, cache_control, expires=grant.expires, key=key)
+        variant = Variant(
+            image, fmt, etag, vary, cache_control, expires=grant.expires, key=key, looked_up=looked_up,
+            trust_epoch=trust_epoch,
+        )  # fmt: skip
         if etag_matches(if_none_match, etag):
             return variant
         data = self.variants.get(key)
@@ -192,6 +205,9 @@ class Renderer:
                 except RenderTimeout:
                     metrics.render_rejections.labels("deadline").inc()
                     raise
+                finally:
+                    if image.id in self.deleted:  # deleted while decoding: the render may have kept pixels
+                        self.decoded.evict_group(image.id)
             metrics.render_seconds.labels("pixels", fmt).observe(rendered.pixel_seconds)
             metrics.render_seconds.labels("encode", fmt).observe(rendered.encode_seconds)
             if image.id not in self.deleted:

@@ -3,6 +3,7 @@ same status, headers and bytes as the full path, and never for what the full pat
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 from imgsvc.client import RenderUrls
 from imgsvc.errors import OriginalUnavailable
 from imgsvc.render import Renderer
+from imgsvc.spec import parse_query
 from tests.conftest import FLICKR, PHOTO, app_client, with_settings
 
 K1 = ("k1", "0123456789abcdef0123456789abcdef")
@@ -136,3 +138,37 @@ async def test_an_evicted_variant_is_rendered_again(settings) -> None:
         assert len(first.content) + len(second.content) > 2_000 > len(second.content)
         again = await client.get(small)
         assert (again.status_code, again.headers["x-cache"], again.content) == (200, "miss", first.content)
+
+
+async def test_accept_is_remembered_by_its_token_and_the_first_header_counts(client: httpx.AsyncClient,
+                                                                            monkeypatch) -> None:  # fmt: skip
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=auto"
+    renderer = _renderer(client)
+    for accept in ("image/avif,image/webp,*/*", "image/avif;q=0.9, */*;q=0.8", "IMAGE/AVIF"):
+        assert (await client.get(url, headers={"Accept": accept})).headers["content-type"] == "image/avif"
+    assert len(renderer.hits) == 1  # one entry per token, however the browser spells it
+    _break_full_path(renderer, monkeypatch)
+    assert (await client.get(url, headers={"Accept": "image/avif"})).headers["content-type"] == "image/avif"
+    two = [("Accept", "image/png"), ("Accept", "image/avif")]  # the full path reads the first
+    assert (await client.get(url, headers=two)).status_code == 500  # legacy was never remembered
+
+
+async def test_what_a_lookup_before_a_listener_outage_or_long_ago_rendered_is_not_remembered(
+    client: httpx.AsyncClient,
+) -> None:
+    renderer = _renderer(client)
+    image_id = await _upload(client)
+    query = parse_query([("w", "64"), ("fmt", "webp")])
+    variant = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
+    headers = [(b"content-type", b"image/webp")]
+    renderer.trust_records(False)
+    renderer.trust_records(True)  # the listener reconnected after the lookup: a delete may have been missed
+    renderer.remember(("/img/x", b"", "legacy"), variant, headers)
+    assert len(renderer.hits) == 0
+    again = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
+    stale = replace(again, looked_up=again.looked_up - renderer.record_ttl)
+    renderer.remember(("/img/x", b"", "legacy"), stale, headers)
+    assert len(renderer.hits) == 0  # looked up longer ago than a record is trusted
+    renderer.remember(("/img/x", b"", "legacy"), again, headers)
+    assert len(renderer.hits) == 1
