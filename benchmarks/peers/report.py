@@ -14,7 +14,7 @@ import pyvips
 from harness import REPO
 
 from peers import measure, servers
-from peers.workloads import HIT, SPREAD, Workload
+from peers.workloads import HIT, SPREAD, WORKLOADS, Workload
 
 CEILING_OF = {
     "imgsvc LRU hits (H1)": "Starlette fixed bytes (ceiling)",
@@ -238,11 +238,15 @@ def markdown(found: dict, renderers: list, hits: list, workloads: list[Workload]
     command = (
         f"cd benchmarks && ../.venv/bin/python compare.py --rounds {args.rounds} --seconds {args.seconds:g} "
         f"--hit-seconds {args.hit_seconds:g}"
+        + (f" --workloads {args.workloads}" if args.workloads != ",".join(w.key for w in WORKLOADS) else "")
+        + (f" --soak-seconds {args.soak_seconds:g}" if args.soak_seconds != 300 else "")
+        + (f" --out results/{args.out.name}" if args.out.name != "peers.md" else "")
     )
+    part_of_bench = " (part of `make bench`)" if args.out.name == "peers.md" else ""
     parts = [
         "# Peer benchmark: imgsvc vs thumbor, ipx and a plain pyvips reference",
         "",
-        f"`{command}` (part of `make bench`), {today}, {servers.CORES} cores ({cpu}), "
+        f"`{command}`{part_of_bench}, {today}, {servers.CORES} cores ({cpu}), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {found.get('minutes', 0):.0f} minutes. A shared, noisy "
         "machine, and wrk shares the cores with the servers: read the ratios (each to a figure measured in the same "
         "round) rather than absolute rates. `others` (renders): the most cores that anything but the measured "
