@@ -19,7 +19,8 @@ from peers.workloads import WORKLOADS, Workload
 
 sys.path.insert(0, str(REPO))
 from imgsvc.cache import SharedByteLRU
-from imgsvc.pipeline import DecodedSource, PipelineLimits, configure_libvips, decoded_bytes, render
+from imgsvc.geometry import Plan, jpeg_shrink
+from imgsvc.pipeline import DecodedSource, PipelineLimits, configure_libvips, decoded_bytes, encode, render
 from imgsvc.spec import TransformSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stages.md"
@@ -38,24 +39,10 @@ def cpu_ms(fn: Callable[[], object]) -> float:
     return statistics.median(samples)
 
 
-def jpeg_shrink(wl: Workload) -> int:
-    """The DCT scale libvips' thumbnail (and imgsvc) loads a JPEG at: at least 2x left for the resampler."""
-    factor = wl.size[0] / wl.width
-    return 8 if factor >= 16 else 4 if factor >= 8 else 2 if factor >= 4 else 1
-
-
-def encode(image: pyvips.Image, wl: Workload) -> bytes:
-    """imgsvc's encoder settings (imgsvc/pipeline.py `_encode`)."""
-    if wl.fmt == "webp":
-        return image.webpsave_buffer(Q=wl.quality, effort=4, smart_subsample=False, keep="none")
-    if wl.fmt == "avif":
-        return image.heifsave_buffer(Q=wl.quality, compression="av1", effort=2, keep="none")
-    return image.jpegsave_buffer(Q=wl.quality, optimize_coding=True, keep="none")
-
-
 def stages(wl: Workload) -> list[str]:
     data = wl.source.read_bytes()
-    shrink = jpeg_shrink(wl) if wl.file.endswith(".jpg") else 1
+    target = (wl.width, wl.height(wl.width))
+    shrink = jpeg_shrink(*wl.size, Plan(target, target)) if wl.file.endswith(".jpg") else 1
     options = {"shrink": shrink} if shrink > 1 else {}
     decoded = pyvips.Image.new_from_buffer(data, "", **options).copy_memory()
     resized = pyvips.Image.thumbnail_image(decoded, wl.width).copy_memory()
@@ -66,7 +53,7 @@ def stages(wl: Workload) -> list[str]:
     header = cpu_ms(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential").width)
     decode = cpu_ms(lambda: pyvips.Image.new_from_buffer(data, "", **options).copy_memory())
     resize = cpu_ms(lambda: pyvips.Image.thumbnail_image(decoded, wl.width).copy_memory())
-    encoding = cpu_ms(lambda: encode(resized, wl))
+    encoding = cpu_ms(lambda: encode(resized, wl.fmt, wl.quality, palette=False))  # type: ignore[arg-type]
     cold = cpu_ms(lambda: render(data, spec, wl.fmt, LIMITS))  # type: ignore[arg-type]
     hot = cpu_ms(lambda: render(data, spec, wl.fmt, LIMITS, warm))  # type: ignore[arg-type]
     reference = cpu_ms(

@@ -53,6 +53,11 @@ class ByteLRU(Generic[K, V]):
             self._lru.pop(key, None)
         return len(keys)
 
+    def clear(self) -> None:
+        if self._lru is not None:
+            self._lru.clear()
+        self._groups.clear()
+
     def _prune_groups(self, group: str) -> None:
         # The LRU drops entries silently; forget keys it no longer holds so the index stays bounded.
         assert self._lru is not None
@@ -90,6 +95,10 @@ class SharedByteLRU(ByteLRU[K, V]):
     def evict_group(self, group: str) -> int:
         with self._lock:
             return super().evict_group(group)
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()
 
 
 class SingleFlight(Generic[K, V]):

@@ -10,14 +10,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import pyvips
 
-from imgsvc import metrics
+from imgsvc import geometry, metrics
 from imgsvc.cache import SharedByteLRU
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
-from imgsvc.spec import DEFAULT_QUALITY, Gravity, OutputFormat, SourceFormat, TransformSpec
+from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
 from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
 
 log = logging.getLogger("imgsvc.pipeline")
@@ -30,6 +29,7 @@ __all__ = [
     "Rendered",
     "configure_libvips",
     "decoded_bytes",
+    "encode",
     "probe",
     "render",
     "sniff_format",
@@ -68,7 +68,6 @@ _BAND_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int":
 
 _ANIMATED_SOURCES: frozenset[SourceFormat] = frozenset({"gif", "webp"})
 _ANIMATED_OUTPUTS: frozenset[OutputFormat] = frozenset({"gif", "webp"})
-_Crop = Literal["gravity", "attention", "entropy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +122,6 @@ class _Header:
     palette: bool
     stored_size: tuple[int, int]  # as decoded, before EXIF orientation
     pixel_bytes: int  # bands x bytes per band
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """Geometry in oriented pixels: resize to `resize`, then crop (cover) or pad (contain) to `box`."""
-
-    resize: tuple[int, int]
-    box: tuple[int, int]
-    crop: _Crop | None = None
-    pad: bool = False
 
 
 def probe(data: bytes, limits: PipelineLimits) -> Probe:
@@ -193,7 +182,7 @@ def render(
     header = _open_header(data, limits)
     source = header.probe
     animate = source.frames > 1 and source.format in _ANIMATED_SOURCES and fmt in _ANIMATED_OUTPUTS
-    plan = _plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
+    plan = geometry.plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
     rgb = _parse_rgb(spec.background)
     # Only images with an embedded profile pay for the ICC transform; untagged is assumed sRGB and CMYK is
@@ -226,7 +215,7 @@ def render(
         pixels_done = time.perf_counter()
         if deadline.expired():
             raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
-        out = _encode(image, fmt, quality, palette=header.palette)
+        out = encode(image, fmt, quality, palette=header.palette)
     except pyvips.Error as exc:
         raise _render_error(deadline, "the image cannot be rendered", exc) from exc
     finally:
@@ -265,7 +254,7 @@ def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
 
 
 def _cached_decode(
-    data: bytes, header: _Header, plan: _Plan, deadline: Deadline, decoded: DecodedSource
+    data: bytes, header: _Header, plan: geometry.Plan, deadline: Deadline, decoded: DecodedSource
 ) -> pyvips.Image | None:
     """The source decoded as libvips' thumbnail would load it, from `decoded.cache` or decoded into it.
 
@@ -274,7 +263,7 @@ def _cached_decode(
     source = header.probe
     if source.format not in _DECODE_CACHED_SOURCES or source.frames > 1:
         return None
-    shrink = _jpeg_shrink(source, plan) if source.format == "jpeg" else 1
+    shrink = geometry.jpeg_shrink(source.width, source.height, plan) if source.format == "jpeg" else 1
     width, height = (-(-side // shrink) for side in header.stored_size)
     if width * height * header.pixel_bytes > decoded.cache.max_bytes // 4:
         return None
@@ -289,12 +278,6 @@ def _cached_decode(
             raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
         decoded.cache.put(key, pixels, decoded.group)
     return pixels
-
-
-def _jpeg_shrink(source: Probe, plan: _Plan) -> int:
-    """libvips thumbnail's shrink-on-load for JPEG: a DCT scale that leaves at least 2x for the resize."""
-    factor = min(source.width / plan.resize[0], source.height / plan.resize[1])
-    return 8 if factor >= 16 else 4 if factor >= 8 else 2 if factor >= 4 else 1
 
 
 def _int_field(image: pyvips.Image, name: str, default: int) -> int:
@@ -328,39 +311,6 @@ def _max_dimension(fmt: OutputFormat, limits: PipelineLimits) -> int:
     return min(limits.max_output_dim, _WEBP_MAX_DIMENSION) if fmt == "webp" else limits.max_output_dim
 
 
-def _plan(width: int, height: int, spec: TransformSpec, animate: bool, max_dim: int) -> _Plan:
-    """Resize and box sizes for `spec` on a `width` x `height` (oriented) source; see `render`."""
-    w, h = spec.width, spec.height
-    fits = min(1.0, max_dim / width, max_dim / height)  # keep-aspect outputs never exceed max_dim
-    if w is None or h is None:
-        scale = min(fits, w / width if w is not None else h / height if h is not None else 1.0)
-        size = (_px(width * scale), _px(height * scale))
-        return _Plan(size, size)
-    sx, sy = w / width, h / height
-    if spec.fit in ("inside", "outside"):
-        scale = min(fits, min(sx, sy) if spec.fit == "inside" else max(sx, sy))
-        size = (_px(width * scale), _px(height * scale))
-        return _Plan(size, size)
-    grow = min(sx, sy) if spec.fit == "contain" else max(sx, sy)
-    if grow > 1:
-        w, h = _px(w / grow), _px(h / grow)
-        sx, sy = w / width, h / height
-    if spec.fit == "fill":
-        return _Plan((w, h), (w, h))
-    if spec.fit == "contain":
-        scale = min(sx, sy)
-        return _Plan((min(w, _px(width * scale)), min(h, _px(height * scale))), (w, h), pad=True)
-    scale = max(sx, sy)
-    crop: _Crop = "gravity"
-    if spec.gravity in ("smart", "entropy") and not animate:
-        crop = "attention" if spec.gravity == "smart" else "entropy"
-    return _Plan((max(w, _px(width * scale)), max(h, _px(height * scale))), (w, h), crop=crop)
-
-
-def _px(value: float) -> int:
-    return max(1, int(value + 0.5))
-
-
 def _to_8bit(image: pyvips.Image) -> pyvips.Image:
     """8-bit sRGB, or 8-bit grey (which browsers decode fine in JPEG and PNG); thumbnail does most of it."""
     if image.interpretation not in ("srgb", "b-w"):
@@ -380,7 +330,7 @@ def _per_frame(image: pyvips.Image, frames: int, op: Callable[[pyvips.Image], py
 
 
 def _finish_frame(
-    image: pyvips.Image, plan: _Plan, spec: TransformSpec, rgb: tuple[int, int, int], deadline: Deadline
+    image: pyvips.Image, plan: geometry.Plan, spec: TransformSpec, rgb: tuple[int, int, int], deadline: Deadline
 ) -> pyvips.Image:
     box_w, box_h = plan.box
     if plan.crop in ("attention", "entropy"):
@@ -388,23 +338,16 @@ def _finish_frame(
         # and watch the memory copy too, since a new image does not inherit the progress signal.
         image = deadline.watch(image.copy_memory()).smartcrop(box_w, box_h, interesting=plan.crop)
     elif plan.crop == "gravity":
-        x, y = _position(spec.gravity, image.width - box_w, image.height - box_h)
+        x, y = geometry.position(spec.gravity, image.width - box_w, image.height - box_h)
         image = image.crop(x, y, box_w, box_h)
     if spec.blur is not None:
         image = _blur(image, spec.blur)
     if plan.pad:
-        x, y = _position(spec.gravity, box_w - image.width, box_h - image.height)
+        x, y = geometry.position(spec.gravity, box_w - image.width, box_h - image.height)
         image, colour = _match_background(image, rgb)
         opaque = [*colour, 255] if image.hasalpha() else colour
         image = image.embed(x, y, box_w, box_h, extend="background", background=opaque)
     return image
-
-
-def _position(gravity: Gravity, free_x: int, free_y: int) -> tuple[int, int]:
-    """Offset of the kept (cover) or placed (contain) area, given the free space on each axis."""
-    x = 0 if gravity in ("west", "nw", "sw") else free_x if gravity in ("east", "ne", "se") else free_x // 2
-    y = 0 if gravity in ("north", "nw", "ne") else free_y if gravity in ("south", "sw", "se") else free_y // 2
-    return x, y
 
 
 def _blur(image: pyvips.Image, sigma: float) -> pyvips.Image:
@@ -427,7 +370,7 @@ def _match_background(image: pyvips.Image, rgb: tuple[int, int, int]) -> tuple[p
     return image, list(rgb)
 
 
-def _encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool) -> bytes:
+def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool) -> bytes:
     """Encode with `keep="none"`: no EXIF, XMP, IPTC, ICC or GPS in any output."""
     match fmt:
         case "jpeg":

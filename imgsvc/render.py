@@ -102,7 +102,6 @@ class Renderer:
         self.record_ttl = record_ttl
         # Anonymous requests for public variants, by their exact URL, so a repeat skips parsing, lookup and
         # policy; the bytes stay in (and are bounded by) the variant LRU. Counted in entries.
-        self._remembered_requests = remembered_requests
         self.hits: ByteLRU[RequestKey, RememberedHit] = ByteLRU(remembered_requests, lambda _: 1)
         self._renders: SingleFlight[str, bytes] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
@@ -131,7 +130,7 @@ class Renderer:
         """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
         if trusted and not self.records_trusted:
             self.records.clear()
-            self.hits = ByteLRU(self._remembered_requests, lambda _: 1)
+            self.hits.clear()
             self.trust_epoch += 1
         self.records_trusted = trusted
 

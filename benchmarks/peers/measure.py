@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -44,23 +44,21 @@ def tree(pids: list[int]) -> list[psutil.Process]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def _tree_sum(pids: list[int], read: Callable[[psutil.Process], float]) -> float:
+    """`read` summed over the process trees of `pids`, skipping processes that exit meanwhile."""
     total = 0.0
     for proc in tree(pids):
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += read(proc)
     return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return _tree_sum(pids, lambda proc: sum(proc.cpu_times()[:2]))  # user + system
 
 
 def rss_bytes(pids: list[int]) -> int:
-    total = 0
-    for proc in tree(pids):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total
+    return int(_tree_sum(pids, lambda proc: proc.memory_info().rss))
 
 
 def machine_busy() -> float:
