@@ -25,26 +25,48 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(
-    command: list[str], env: dict[str, str], url: str, log: Path, ready_path: str = "/readyz"
+def launch(
+    command: list[str], env: dict[str, str], ready: str, log: Path, cwd: Path = REPO, ok: int = 500
 ) -> tuple[subprocess.Popen[bytes], float]:
-    """Start a server in its own process group; return it and the seconds until `ready_path` answered 200."""
+    """Popen in a new session; (proc, seconds until `ready` answered below `ok`). RuntimeError if it never does."""
     began = time.monotonic()
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     while time.monotonic() - began < 180:
         if proc.poll() is not None:
-            sys.exit(f"server exited early, see {log}")
+            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text()[-1500:]}")
         try:
-            if httpx.get(f"{url}{ready_path}", timeout=1).status_code == 200:
+            if httpx.get(ready, timeout=1).status_code < ok:
                 return proc, time.monotonic() - began
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    stop(proc)
-    sys.exit("server not ready in 180 s")
+    kill(proc)
+    raise RuntimeError(f"not answering {ready} after 180 s: {log.read_text()[-1500:]}")
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def start(
+    command: list[str], env: dict[str, str], url: str, log: Path, ready_path: str = "/readyz"
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server in its own process group; return it and the seconds until `ready_path` answered 200."""
+    try:
+        return launch(command, env, f"{url}{ready_path}", log, ok=201)
+    except RuntimeError as exc:
+        sys.exit(f"server did not start ({exc}); see {log}")
 
 
 def start_imgsvc(data_dir: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:

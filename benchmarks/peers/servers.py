@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from harness import IMAGES, REPO, free_port
+from harness import IMAGES, REPO, free_port, kill, launch
 
 from peers.install import IPX_BIN, THUMBOR_BIN
 from peers.workloads import WORKLOADS, Workload
@@ -58,38 +57,6 @@ class Server:
 
     def template(self, wl: Workload) -> str:
         return self.templates[wl.key]
-
-
-def launch(command: list[str], env: dict[str, str], ready: str, log: Path, cwd: Path = REPO) -> tuple:
-    """Popen in a new session; (proc, seconds until `ready` answered with any HTTP status < 500)."""
-    began = time.monotonic()
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            command, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    while time.monotonic() - began < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text()[-1500:]}")
-        try:
-            if httpx.get(ready, timeout=1).status_code < 500:
-                return proc, time.monotonic() - began
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    kill(proc)
-    raise RuntimeError(f"not answering {ready} after 180 s: {log.read_text()[-1500:]}")
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def upload(url: str, path: Path) -> str:
