@@ -95,8 +95,23 @@ class RenderTimeout(ImgsvcError):
     status, slug, title = 503, "render-timeout", "Render exceeded its deadline"
 
 
-class DependencyUnavailable(ImgsvcError):
-    status, slug, title = 503, "dependency-unavailable", "A backing service is unavailable"
+class Unavailable(ImgsvcError):
+    """The database or the blob store cannot be reached, or timed out: the client may retry later."""
+
+    status, slug, title = 503, "unavailable", "A backing service is unavailable"
+
+    def __init__(self, detail: str, *, retry_after: int = 5, param: str | None = None) -> None:
+        super().__init__(detail, param=param, headers={"Retry-After": str(retry_after)})
+
+
+class InsufficientStorage(ImgsvcError):
+    """The blob store is full: nothing was written or recorded."""
+
+    status, slug, title = 507, "insufficient-storage", "The blob store is full"
+
+
+class IdempotencyKeyReused(ImgsvcError):
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key reused with another request"
 
 
 class OriginalUnavailable(ImgsvcError):

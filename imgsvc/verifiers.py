@@ -19,7 +19,7 @@ from cachetools import TTLCache
 
 from imgsvc.auth import ALL_SCOPES, Principal
 from imgsvc.cache import SingleFlight
-from imgsvc.errors import DependencyUnavailable, Unauthorized
+from imgsvc.errors import Unauthorized, Unavailable
 
 log = logging.getLogger("imgsvc.verifiers")
 
@@ -42,8 +42,8 @@ def invalid_token(reason: str) -> Unauthorized:
     return Unauthorized(reason, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-def issuer_unavailable() -> DependencyUnavailable:
-    return DependencyUnavailable("the token issuer cannot be reached", headers={"Retry-After": "5"})
+def issuer_unavailable() -> Unavailable:
+    return Unavailable("the token issuer cannot be reached")
 
 
 def principal_of(sub: object, scope: object) -> Principal:
@@ -278,7 +278,7 @@ class JwksVerifier:
         try:
             keys = await self._flight.run("jwks", self._fetch)
             return keys
-        except DependencyUnavailable:
+        except Unavailable:
             if current is not None and self._clock() < current.usable_until:
                 return current
             raise

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
-from imgsvc.errors import DependencyUnavailable, Unauthorized
+from imgsvc.errors import Unauthorized, Unavailable
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
 from tests.conftest import AUDIENCE, CLIENT_ID, CLIENT_SECRET, MainApp
 
@@ -307,7 +307,7 @@ async def test_issuer_down_fails_closed_uncached_and_recovers(
     token = main.token()
     main.fail("down")
     for _ in range(3):
-        with pytest.raises(DependencyUnavailable):
+        with pytest.raises(Unavailable):
             await introspector.verify(token)
     assert introspector.calls == 3
     main.fail("ok")
@@ -321,7 +321,7 @@ async def test_slow_issuer_fails_closed_within_the_timeout(main: MainApp) -> Non
         token = main.token()
         main.fail("slow")
         started = time.monotonic()
-        with pytest.raises(DependencyUnavailable):
+        with pytest.raises(Unavailable):
             await verifier.verify(token)
         assert time.monotonic() - started < 1.8
         main.fail("ok")
@@ -333,7 +333,7 @@ async def test_slow_issuer_fails_closed_within_the_timeout(main: MainApp) -> Non
 async def test_wrong_client_credentials_fail_closed(main: MainApp) -> None:
     verifier = IntrospectionVerifier(introspection_config(main, client_secret="wrong"))
     try:
-        with pytest.raises(DependencyUnavailable):
+        with pytest.raises(Unavailable):
             await verifier.verify(main.token())
     finally:
         await verifier.close()
@@ -412,7 +412,7 @@ async def test_outage_serves_last_good_keys_then_fails_closed(main: MainApp) -> 
             assert (await verifier.verify(token)).subject == "alice"
         assert verifier.fetches == 2
         clock.advance(3600)  # stale_for exceeded
-        with pytest.raises(DependencyUnavailable):
+        with pytest.raises(Unavailable):
             await verifier.verify(token)
         main.fail("ok")
         clock.advance(10)
@@ -428,7 +428,7 @@ async def test_no_keys_yet_fails_closed(main: MainApp, mode: str) -> None:
         token = main.token()
         main.fail(mode)
         started = time.monotonic()
-        with pytest.raises(DependencyUnavailable):
+        with pytest.raises(Unavailable):
             await verifier.verify(token)
         assert time.monotonic() - started < 1.8
     finally:
