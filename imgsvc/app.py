@@ -22,6 +22,7 @@ from imgsvc.embedded import EmbeddedPostgres
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
 from imgsvc.headers import error_cache_control
+from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.invalidation import DeleteListener
 from imgsvc.middleware import RequestContext
 from imgsvc.ratelimit import RateLimiter
@@ -151,7 +152,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             store=store,
             verifier=verifier,
             renderer=renderer,
-            ingest=Ingest(catalog, store, pool, limits),
+            ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool)),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
             upload_limiter=RateLimiter(settings.upload_rate),
             listener=listener,

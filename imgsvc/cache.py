@@ -20,8 +20,8 @@ V = TypeVar("V")
 class ByteLRU(Generic[K, V]):
     """An LRU bounded by the total size of its values, as measured by `size_of`.
 
-    Each entry also remembers a group (the image id) so that a delete evicts every
-    variant of that image at once.
+    Each entry also remembers a group (the blob's sha256 for what is cached by content, the image id for
+    remembered requests) so that a delete evicts all of it at once.
     """
 
     def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:

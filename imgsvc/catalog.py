@@ -142,6 +142,9 @@ class Catalog:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", sha256)
 
+    async def live_references(self, conn: asyncpg.Connection, sha256: str) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM images WHERE sha256 = $1 AND deleted_at IS NULL", sha256))
+
     async def references(self, conn: asyncpg.Connection, sha256: str) -> tuple[int, datetime | None]:
         """(live images of these bytes, when the last deleted one was deleted)."""
         row = await conn.fetchrow(
@@ -151,45 +154,24 @@ class Catalog:
         )
         return int(row["live"]), row["last_deleted"]
 
-    async def insert_or_existing(
-        self, record: ImageRecord, conn: asyncpg.Connection | None = None, attempts: int = 3
-    ) -> tuple[ImageRecord, bool]:
-        """Insert a new image, or return the owner's live image of the same bytes (created=False)."""
-        db = conn or self.pool
-        row = await db.fetchrow(
+    async def insert(self, record: ImageRecord, conn: asyncpg.Connection | None = None) -> ImageRecord:
+        """A new image: every upload is its own record, even of bytes another image already has."""
+        row = await (conn or self.pool).fetchrow(
             f"""INSERT INTO images (id, sha256, owner, category, visibility, format, width, height, bytes,
                                     frames, has_alpha, original_filename)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                ON CONFLICT (owner, sha256) WHERE deleted_at IS NULL DO NOTHING
                 RETURNING {_COLUMNS}""",
             record.id, record.sha256, record.owner, record.category, record.visibility, record.format,
             record.width, record.height, record.bytes, record.frames, record.has_alpha, record.original_filename,
         )  # fmt: skip
-        if row is not None:
-            return _record(row), True
-        row = await db.fetchrow(
-            f"SELECT {_COLUMNS} FROM images WHERE owner = $1 AND sha256 = $2 AND deleted_at IS NULL",
-            record.owner, record.sha256,
-        )  # fmt: skip
-        if row is None:  # the conflicting row was deleted in between: try again
-            if attempts <= 1:
-                raise RuntimeError("image insert kept conflicting with concurrent deletes")
-            return await self.insert_or_existing(record, conn, attempts - 1)
-        return _record(row), False
+        return _record(row)
 
-    async def find_live_by_sha256(self, owner: str, sha256: str) -> ImageRecord | None:
-        row = await self.pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM images WHERE owner = $1 AND sha256 = $2 AND deleted_at IS NULL", owner, sha256
-        )
-        return _record(row) if row else None
-
-    async def get(self, image_id: str) -> ImageRecord | None:
+    async def get(self, image_id: str, *, include_deleted: bool = False) -> ImageRecord | None:
         """The live image with this id, or None (unknown, malformed or deleted ids alike)."""
         if not is_image_id(image_id):
             return None
-        row = await self.pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM images WHERE id = $1 AND deleted_at IS NULL", image_id
-        )
+        live = "" if include_deleted else " AND deleted_at IS NULL"
+        row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM images WHERE id = $1{live}", image_id)
         return _record(row) if row else None
 
     async def list(self, owner: str, *, category: str | None, limit: int, cursor: str | None) -> Page:
@@ -212,7 +194,8 @@ class Catalog:
         next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
         return Page(items, next_cursor)
 
-    async def soft_delete(self, image_id: str) -> ImageRecord | None:
+    async def soft_delete(self, image_id: str) -> Deleted | None:
+        """Mark one image deleted and announce it to every replica; other images of its bytes stay."""
         if not is_image_id(image_id):
             return None
         async with self.pool.acquire() as conn, conn.transaction():
@@ -221,6 +204,42 @@ class Catalog:
                 f"RETURNING {_COLUMNS}",
                 image_id,
             )
-            if row is not None:  # delivered to every replica's listener when this transaction commits
-                await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, image_id)
-        return _record(row) if row else None
+            if row is None:
+                return None
+            record = _record(row)
+            # Under the blob's lock (held by uploads of these bytes too, and by concurrent deletes of its
+            # other images), so exactly the delete that takes the last live image says so.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", record.sha256)
+            deleted = Deleted(record, blob_orphaned=await self.live_references(conn, record.sha256) == 0)
+            # Delivered to every replica's listener when this transaction commits.
+            await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, deleted.notice.payload())
+        return deleted
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """A delete as every replica hears it: which image, its blob, and whether any live image still uses it."""
+
+    image: ImageRecord
+    blob_orphaned: bool
+
+    @property
+    def notice(self) -> DeleteNotice:
+        return DeleteNotice(self.image.id, self.image.sha256, self.blob_orphaned)
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteNotice:
+    image_id: str
+    sha256: str | None  # None from a replica of an older version, whose notices carry the id alone
+    blob_orphaned: bool
+
+    def payload(self) -> str:
+        return f"{self.image_id} {self.sha256} {'orphaned' if self.blob_orphaned else 'shared'}"
+
+    @classmethod
+    def parse(cls, payload: str) -> DeleteNotice:
+        parts = payload.split()
+        if len(parts) == 3:
+            return cls(parts[0], parts[1], parts[2] == "orphaned")
+        return cls(payload.strip(), None, True)

@@ -126,6 +126,7 @@ async def migrate(settings: Settings) -> int:
 
 async def import_images(settings: Settings, args: argparse.Namespace) -> int:
     from imgsvc.app import open_storage, pipeline_limits
+    from imgsvc.idempotency import IdempotencyKeys
     from imgsvc.importer import files_under, folder_items, run_import, sql_items
     from imgsvc.pipeline import configure_libvips
     from imgsvc.upload import Ingest, upload_options
@@ -134,7 +135,8 @@ async def import_images(settings: Settings, args: argparse.Namespace) -> int:
     configure_libvips()
     options = upload_options({"category": args.category, "visibility": args.visibility})
     async with open_storage(settings) as (_, catalog, store):
-        ingest = Ingest(catalog, store, WorkerPool(settings.workers, 1_000_000), pipeline_limits(settings))
+        pool = WorkerPool(settings.workers, 1_000_000)
+        ingest = Ingest(catalog, store, pool, pipeline_limits(settings), IdempotencyKeys(catalog.pool))
         if args.sql:
             items, total = sql_items(args.dsn, args.sql), None
         else:
@@ -144,7 +146,7 @@ async def import_images(settings: Settings, args: argparse.Namespace) -> int:
             mapping = stack.enter_context(args.mapping.open("w", newline="")) if args.mapping else sys.stdout
             report = await run_import(ingest, items, options, total=total, mapping=mapping,
                                       concurrency=settings.workers)  # fmt: skip
-    print(f"imported {report.imported}, skipped {report.skipped} (already there), failed {len(report.failures)}",
+    print(f"imported {report.imported}, skipped {report.skipped} (imported before), failed {len(report.failures)}",
           file=sys.stderr)  # fmt: skip
     return 1 if report.failures else 0
 
@@ -161,6 +163,8 @@ async def collect(settings: Settings, grace_days: float, dry_run: bool) -> int:
         print(f"{'would remove' if dry_run else 'removed'} {key}")
     print(f"examined {report.examined} blobs: {len(report.removed)} {'to remove' if dry_run else 'removed'}, "
           f"{report.kept} kept (grace {grace_days:g} days)")  # fmt: skip
+    if not dry_run:
+        print(f"expired {report.expired_keys} idempotency keys older than 24 h")
     return 0
 
 

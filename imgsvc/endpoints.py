@@ -16,10 +16,11 @@ from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
+from imgsvc.idempotency import HEADER as IDEMPOTENCY_HEADER, parse_key
 from imgsvc.render import Variant
 from imgsvc.services import Services
 from imgsvc.spec import accept_token, parse_query
-from imgsvc.upload import read_body, upload_options
+from imgsvc.upload import RetryKey, read_body, upload_options
 
 API_CACHE_CONTROL = "private, no-cache"
 MAX_LIST_LIMIT = 100
@@ -78,6 +79,8 @@ async def _upload(request: Request) -> Response:
     svc = services(request)
     principal = await _principal(request)
     authorize(principal, "images:write")
+    key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))  # a malformed key costs no body
+    retry_key = RetryKey("upload", key) if key is not None else None
     if "images:admin" not in principal.scopes:
         svc.upload_limiter.hit(principal.subject)
     try:
@@ -91,10 +94,13 @@ async def _upload(request: Request) -> Response:
     except ClientDisconnect:
         raise BadRequest("the upload was aborted before the body was complete") from None
     options = upload_options({**dict(request.query_params), **body.fields})
-    image, created = await svc.ingest.ingest(body, principal.subject, options)
-    metrics.uploads_total.labels("created" if created else "existing").inc()
-    payload = image_json(request, image)
-    return _json(payload, 201 if created else 200, {"Location": payload["urls"]["self"]})
+    result = await svc.ingest.ingest(body, principal.subject, options, retry_key)
+    metrics.uploads_total.labels("replayed" if result.replayed else "created").inc()
+    payload = image_json(request, result.image)
+    headers = {"Location": payload["urls"]["self"]}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(payload, 201, headers)
 
 
 async def get_image(request: Request) -> Response:
@@ -152,7 +158,7 @@ async def delete_image(request: Request) -> Response:
     deleted = await svc.catalog.soft_delete(image.id)
     if deleted is None:
         raise NotFound(f"no image {image.id!r}")
-    svc.renderer.forget(deleted.id)
+    svc.renderer.forget(deleted.notice)
     return Response(status_code=204, headers={"Cache-Control": NO_STORE})
 
 

@@ -60,7 +60,7 @@ class RequestTimeout(ImgsvcError):
 
 
 class Conflict(ImgsvcError):
-    status, slug, title = 409, "conflict", "Conflicts with an existing image"
+    status, slug, title = 409, "conflict", "Conflicts with a request in progress"
 
 
 class PayloadTooLarge(ImgsvcError):

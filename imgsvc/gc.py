@@ -1,5 +1,5 @@
-"""Garbage collection: remove blobs that no live image has referenced for longer than a grace period.
-
+"""Garbage collection: remove blobs that no live image has referenced for longer than a grace period,
+and idempotency keys past their 24 h.
 Each blob is checked and deleted under the same advisory lock that an upload of those bytes holds
 while it stores the blob and commits its record, so a concurrent upload never loses its blob.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from imgsvc.catalog import Catalog
+from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.storage import BlobStore
 
 log = logging.getLogger("imgsvc.gc")
@@ -26,6 +27,7 @@ class GcReport:
     examined: int = 0
     kept: int = 0
     removed: list[str] = field(default_factory=list)
+    expired_keys: int = 0  # idempotency keys past their 24 h
 
 
 async def collect_garbage(
@@ -34,6 +36,8 @@ async def collect_garbage(
     now = now or datetime.now(UTC)
     cutoff = now - grace
     report = GcReport(dry_run=dry_run)
+    if not dry_run:
+        report.expired_keys = await IdempotencyKeys(catalog.pool).expire()
     async for key, written in store.list_blobs():
         report.examined += 1
         sha256 = key.rsplit("/", 1)[-1]

@@ -1,7 +1,7 @@
 """Bulk import: a folder tree, or the rows of an existing app's table (bytea or base64 image columns).
 
-Every item goes through the same validation as an upload. A re-run skips what is already there (the
-same owner's same bytes), so an interrupted import is resumed by running it again.
+Every item goes through the same validation as an upload, keyed by its source (the file's absolute path, or
+the row's id), so a re-run skips what an earlier run imported: an interrupted import is resumed by running it again.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import csv
+import hashlib
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import TextIO
 import asyncpg
 
 from imgsvc.errors import ImgsvcError
-from imgsvc.upload import Ingest, UploadBody, UploadOptions
+from imgsvc.idempotency import MAX_KEY_LENGTH
+from imgsvc.upload import Ingest, RetryKey, UploadBody, UploadOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".avif", ".heic", ".heif", ".tif", ".tiff"}
 
@@ -42,6 +44,14 @@ class Item:
     data: bytes | None  # None when it could not be read; `error` says why
     error: str | None = None
     filename: str | None = None
+    key: str = ""  # what a re-run recognises the item by (`retry_key`)
+
+    @property
+    def retry_key(self) -> RetryKey:
+        key = self.key or f"source:{self.source}"
+        if len(key) > MAX_KEY_LENGTH:
+            key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        return RetryKey("import", key)
 
 
 def files_under(paths: Iterable[Path]) -> list[Path]:
@@ -57,7 +67,7 @@ def files_under(paths: Iterable[Path]) -> list[Path]:
 async def folder_items(files: list[Path], owner: str) -> AsyncIterator[Item]:
     for path in files:
         try:
-            yield Item(str(path), owner, path.read_bytes(), filename=path.name)
+            yield Item(str(path), owner, path.read_bytes(), filename=path.name, key=f"file:{path.resolve()}")
         except OSError as exc:
             yield Item(str(path), owner, None, f"cannot read: {exc.strerror}")
 
@@ -78,15 +88,17 @@ def decode_column(value: object) -> bytes:
 
 async def sql_items(dsn: str, query: str) -> AsyncIterator[Item]:
     """Rows of `query`, which must return the columns id, owner, data."""
+    query_key = hashlib.sha256(query.encode()).hexdigest()[:16]
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction(readonly=True):
             async for row in conn.cursor(query):
                 old_id, owner = str(row["id"]), str(row["owner"])
+                key = f"sql:{query_key}:{old_id}"  # ids of two queries (tables) may coincide
                 try:
-                    yield Item(old_id, owner, decode_column(row["data"]))
+                    yield Item(old_id, owner, decode_column(row["data"]), key=key)
                 except (ValueError, binascii.Error) as exc:
-                    yield Item(old_id, owner, None, f"undecodable data column: {exc}")
+                    yield Item(old_id, owner, None, f"undecodable data column: {exc}", key=key)
     finally:
         await conn.close()
 
@@ -115,10 +127,12 @@ async def run_import(
                 report.failures.append((item.source, item.error or "unreadable"))
             else:
                 try:
-                    record, created = await ingest.ingest(UploadBody(item.data, item.filename), item.owner, options)
-                    status, new_id = ("imported" if created else "skipped"), record.id
-                    report.imported += created
-                    report.skipped += not created
+                    result = await ingest.ingest(
+                        UploadBody(item.data, item.filename), item.owner, options, item.retry_key
+                    )
+                    status, new_id = ("skipped" if result.replayed else "imported"), result.image.id
+                    report.imported += not result.replayed
+                    report.skipped += result.replayed
                 except ImgsvcError as exc:
                     report.failures.append((item.source, f"{exc.status} {exc.slug}: {exc.detail}"))
             if writer is not None:

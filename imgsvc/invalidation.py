@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from imgsvc.catalog import DELETES_CHANNEL
+from imgsvc.catalog import DELETES_CHANNEL, DeleteNotice
 
 log = logging.getLogger("imgsvc.invalidation")
 
@@ -22,7 +22,7 @@ class DeleteListener:
     def __init__(
         self,
         dsn: str,
-        on_delete: Callable[[str], None],
+        on_delete: Callable[[DeleteNotice], None],
         on_state: Callable[[bool], None],
         *,
         check_every: float = 0.5,
@@ -54,8 +54,8 @@ class DeleteListener:
         self.connection = connection
         self.on_state(True)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, image_id: str) -> None:
-        self.on_delete(image_id)
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.on_delete(DeleteNotice.parse(payload))
 
     async def _supervise(self) -> None:
         """Ping the listening connection; on failure, distrust caches and reconnect with backoff."""

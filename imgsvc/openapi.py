@@ -77,15 +77,23 @@ def document(settings: Settings) -> dict[str, Any]:
             },
             "/images": {
                 "post": {"summary": "upload", "security": bearer,
+                         "description": "Every upload creates a new image (identical bytes share one stored "
+                                        "blob). A retry that repeats an earlier request's Idempotency-Key (same "
+                                        "owner, bytes and options, within 24 h) gets that request's answer, with "
+                                        "Idempotent-Replayed: true; the same key with another body is a 422.",
                          "parameters": [_query("category", {"type": "string", "maxLength": 64}, "free text"),
-                                        _query("visibility", visibility, "")],
+                                        _query("visibility", visibility, ""),
+                                        {"name": "Idempotency-Key", "in": "header", "required": False,
+                                         "description": "makes retries safe: 1-255 of A-Z a-z 0-9 . _ : ~ + / = -, "
+                                                        "optionally quoted",
+                                         "schema": {"type": "string", "maxLength": 257}}],
                          "requestBody": {"required": True, "content": {
                              "image/*": {"schema": {"type": "string", "format": "binary"}},
                              "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                                  "file": {"type": "string", "format": "binary"}, "category": {"type": "string"},
                                  "visibility": visibility}}}}},
                          "responses": _responses(400, 401, 403, 409, 413, 415, 422, 429, 503,
-                                                 ok={"201": image_json, "200": image_json})},
+                                                 ok={"201": image_json})},
                 "get": {"summary": "the caller's images, newest first", "security": bearer,
                         "parameters": [_query("owner", {"type": "string"}, "me (default) or, for admins, a subject"),
                                        _query("category", {"type": "string"}, ""),

@@ -102,7 +102,7 @@ class Rendered:
 class DecodedSource:
     """Where a render finds, or leaves, its original's decoded pixels: `cache[(key, jpeg shrink)]`.
 
-    `key` names the original's bytes (its sha256); `group` is the image id that a delete evicts by.
+    `key` names the original's bytes (its sha256); `group` is what a delete evicts by (the sha256 too).
     """
 
     cache: SharedByteLRU[tuple[str, int], pyvips.Image]

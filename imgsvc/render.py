@@ -16,7 +16,7 @@ from cachetools import TTLCache
 from imgsvc import metrics, pipeline
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
-from imgsvc.catalog import Catalog, ImageRecord
+from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
 from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, RenderTimeout, Unauthorized
 from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
 from imgsvc.signing import Grant, UrlPolicy
@@ -96,6 +96,8 @@ class Renderer:
         # Ids deleted here, remembered as long as a record could be cached, so that a lookup which
         # raced the delete cannot put the record back.
         self.deleted: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
+        # Blobs whose last live image was deleted, so that a render of them in flight keeps no decoded pixels.
+        self.orphaned: TTLCache[str, bool] = TTLCache(maxsize=50_000, ttl=record_ttl)
         # Cached records are only trusted while deletes reach this replica (the delete listener is up).
         self.records_trusted = False
         self.trust_epoch = 0  # bumped whenever records become trusted again (deletes may have been missed)
@@ -117,14 +119,18 @@ class Renderer:
                 self.records[image_id] = image
         return image
 
-    def forget(self, image_id: str) -> None:
-        """Evict everything held for a deleted image (deleted here, or on another replica)."""
-        self.deleted[image_id] = True
-        self.records.pop(image_id, None)
-        self.variants.evict_group(image_id)
-        self.originals.evict_group(image_id)
-        self.decoded.evict_group(image_id)
-        self.hits.evict_group(image_id)
+    def forget(self, notice: DeleteNotice) -> None:
+        """A delete (here, or on another replica): the image is gone at once; what is cached by content (variants,
+        originals, decoded pixels, shared by every image of the same bytes) goes with the blob's last live image."""
+        self.deleted[notice.image_id] = True
+        record = self.records.pop(notice.image_id, None)
+        self.hits.evict_group(notice.image_id)
+        sha256 = notice.sha256 or (record.sha256 if record is not None else None)
+        if sha256 is not None and notice.blob_orphaned:
+            self.orphaned[sha256] = True
+            self.variants.evict_group(sha256)
+            self.originals.evict_group(sha256)
+            self.decoded.evict_group(sha256)
 
     def trust_records(self, trusted: bool) -> None:
         """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
@@ -198,19 +204,19 @@ class Renderer:
                 original = await self.fetch_original(image)
                 metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
                 self.renders_started += 1
-                decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.id)
+                decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
                 try:
                     rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
                 except RenderTimeout:
                     metrics.render_rejections.labels("deadline").inc()
                     raise
                 finally:
-                    if image.id in self.deleted:  # deleted while decoding: the render may have kept pixels
-                        self.decoded.evict_group(image.id)
+                    if image.id in self.deleted and image.sha256 in self.orphaned:
+                        self.decoded.evict_group(image.sha256)  # the blob's last image went while decoding
             metrics.render_seconds.labels("pixels", fmt).observe(rendered.pixel_seconds)
             metrics.render_seconds.labels("encode", fmt).observe(rendered.encode_seconds)
-            if image.id not in self.deleted:
-                self.variants.put(key, rendered.data, group=image.id)
+            if image.id not in self.deleted:  # a live image of these bytes: cached for all of them
+                self.variants.put(key, rendered.data, group=image.sha256)
             return rendered.data
 
         data = await self._renders.run(key, produce)
@@ -228,7 +234,8 @@ class Renderer:
             except (BlobNotFound, BlobTooLarge) as exc:
                 log.error("original of image %s unreadable: %s", image.id, type(exc).__name__)
                 raise OriginalUnavailable(f"the original of image {image.id!r} cannot be read") from None
-            self.originals.put(image.sha256, original, group=image.id)
+            if image.id not in self.deleted:
+                self.originals.put(image.sha256, original, group=image.sha256)
             return original
 
         data = await self._fetches.run(image.sha256, produce)

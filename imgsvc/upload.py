@@ -7,6 +7,7 @@ nothing; a failed upload leaves no record behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import unicodedata
@@ -19,7 +20,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from imgsvc import pipeline
 from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
-from imgsvc.errors import BadRequest, Conflict, InvalidParameter, PayloadTooLarge, RequestTimeout, UnsupportedFormat
+from imgsvc.errors import BadRequest, InvalidParameter, PayloadTooLarge, RequestTimeout, UnsupportedFormat
+from imgsvc.idempotency import Claim, IdempotencyKeys, KeyScope, Replay
 from imgsvc.storage import BlobStore, blob_key
 from imgsvc.workers import WorkerPool
 
@@ -199,6 +201,20 @@ def sanitize_filename(name: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Ingested:
+    image: ImageRecord
+    replayed: bool  # the answer of an earlier request with the same idempotency key: nothing was stored
+
+
+@dataclass(frozen=True, slots=True)
+class RetryKey:
+    """What makes a retried upload recognisable: the client's `Idempotency-Key`, or an import's source."""
+
+    scope: KeyScope
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Ingest:
     """Everything an upload needs, built once in `app.py`."""
 
@@ -206,20 +222,42 @@ class Ingest:
     store: BlobStore
     pool: WorkerPool
     limits: pipeline.PipelineLimits
+    keys: IdempotencyKeys
 
     async def ingest(
-        self, body: UploadBody, owner: str, options: UploadOptions
-    ) -> tuple[ImageRecord, bool]:
-        """Validate and store an upload; (record, created). The same owner's same bytes return the existing image."""
+        self, body: UploadBody, owner: str, options: UploadOptions, retry_key: RetryKey | None = None
+    ) -> Ingested:
+        """Validate and store an upload as a new image. Identical bytes share one blob, written once; a request
+        repeating an earlier one's `retry_key` (same owner, bytes and options) gets that request's image."""
         if not body.data:
             raise BadRequest("the upload is empty")
         if pipeline.sniff_format(body.data[:32]) is None:
             raise UnsupportedFormat("not a JPEG, PNG, WebP, GIF, AVIF/HEIF or TIFF image (checked by its bytes)")
         sha256 = hashlib.sha256(body.data).hexdigest()
-        existing = await self.catalog.find_live_by_sha256(owner, sha256)
-        if existing is not None:
-            return same_options(existing, options), False
-        probe = await self.pool.submit(pipeline.probe, body.data, self.limits)
+        filename = sanitize_filename(body.filename)
+        claim = None
+        if retry_key is not None:
+            fingerprint = hashlib.sha256(
+                "\n".join([sha256, options.category, options.visibility, filename or ""]).encode()
+            ).hexdigest()
+            answer = await self.keys.claim(owner, retry_key.scope, retry_key.key, fingerprint)
+            if isinstance(answer, Replay):
+                first = await self.catalog.get(answer.image_id, include_deleted=True)
+                assert first is not None  # idempotency_keys.image_id references images, which are never removed
+                return Ingested(first, replayed=True)
+            claim = answer
+        try:
+            return Ingested(await self._store(body.data, sha256, filename, owner, options, claim), replayed=False)
+        except BaseException:
+            if claim is not None:
+                with contextlib.suppress(Exception):  # else the claim is taken over once stale
+                    await self.keys.release(claim)
+            raise
+
+    async def _store(
+        self, data: bytes, sha256: str, filename: str | None, owner: str, options: UploadOptions, claim: Claim | None
+    ) -> ImageRecord:
+        probe = await self.pool.submit(pipeline.probe, data, self.limits)
         record = ImageRecord(
             id=new_image_id(),
             sha256=sha256,
@@ -229,25 +267,18 @@ class Ingest:
             format=probe.format,
             width=probe.width,
             height=probe.height,
-            bytes=len(body.data),
+            bytes=len(data),
             frames=probe.frames,
             has_alpha=probe.has_alpha,
-            original_filename=sanitize_filename(body.filename),
+            original_filename=filename,
             created_at=datetime.now(UTC),
         )
         async with self.catalog.blob_lock(sha256) as conn:  # garbage collection cannot take the blob meanwhile
-            await self.store.put(blob_key(sha256), body.data)
-            stored, created = await self.catalog.insert_or_existing(record, conn)
-        return (stored if created else same_options(stored, options)), created
-
-
-def same_options(existing: ImageRecord, options: UploadOptions) -> ImageRecord:
-    """A repeated upload returns the existing image, unless it asked for other options: silently keeping
-    an image public that the caller wanted private would be worse than a clear 409."""
-    if (existing.category, existing.visibility) != (options.category, options.visibility):
-        raise Conflict(
-            f"you already uploaded these bytes as image {existing.id} with category {existing.category!r} and "
-            f"visibility {existing.visibility}; delete it first to upload them with other options",
-            param="visibility" if existing.visibility != options.visibility else "category",
-        )
-    return existing
+            # A live image of these bytes means the blob is there (gc keeps it, and waits for this lock).
+            if not await self.catalog.live_references(conn, sha256):
+                await self.store.put(blob_key(sha256), data)
+            async with conn.transaction():
+                stored = await self.catalog.insert(record, conn)
+                if claim is not None:
+                    await self.keys.complete(conn, claim, stored.id)
+        return stored

@@ -69,22 +69,15 @@ async def test_upload_multipart_with_fields(client: httpx.AsyncClient) -> None:
     assert body["original_filename"] == "My Photo.png"
 
 
-async def test_same_owner_same_bytes_returns_existing_image(client: httpx.AsyncClient) -> None:
-    first = await upload(client, FLICKR)
-    again = await upload(client, FLICKR)
-    assert (first.status_code, again.status_code) == (201, 200)
-    assert again.json()["id"] == first.json()["id"]
-    listing = (await client.get("/images")).json()
-    assert [item["id"] for item in listing["items"]] == [first.json()["id"]]
-
-
-async def test_concurrent_uploads_of_same_bytes_store_one_image_and_one_blob(
+async def test_every_upload_is_its_own_image_and_identical_bytes_share_one_blob(
     client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    responses = await asyncio.gather(*(upload(client, FLICKR) for _ in range(8)))
-    assert {r.status_code for r in responses} <= {200, 201}
-    assert sum(r.status_code == 201 for r in responses) == 1
-    assert len({r.json()["id"] for r in responses}) == 1
+    responses = await asyncio.gather(*(upload(client, FLICKR, category=f"gig-{i}") for i in range(8)))
+    assert [r.status_code for r in responses] == [201] * 8
+    assert len({r.json()["id"] for r in responses}) == 8
+    assert sorted(r.json()["category"] for r in responses) == [f"gig-{i}" for i in range(8)]
+    listing = (await client.get("/images")).json()
+    assert len(listing["items"]) == 8
     blobs = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert [p.name for p in blobs] == [responses[0].json()["sha256"]]
 

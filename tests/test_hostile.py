@@ -80,7 +80,7 @@ UPLOADS: list[tuple[str, Callable[[], bytes], str, int]] = [
     ("jpeg + zip polyglot", lambda: JPEG + b"PK\x03\x04" + bytes(1000), "image/jpeg", 201),
     # a GIF must end with its trailer byte (how truncation is caught), so trailing HTML is refused
     ("gif + html polyglot", lambda: GIF + b"<script>alert(1)</script>", "image/gif", 422),
-    ("png sent as image/jpeg (lying type)", lambda: PNG, "image/jpeg", 200),  # same bytes as the baseline PNG
+    ("png sent as image/jpeg (lying type)", lambda: PNG, "image/jpeg", 201),  # the bytes decide
     ("huge exif", huge_exif_jpeg, "image/jpeg", 201),
     ("cmyk jpeg", cmyk_jpeg, "image/jpeg", 201),
     ("16-bit png", lambda: encoded((base_image() * 256).cast("ushort").copy(interpretation="rgb16"), ".png"),

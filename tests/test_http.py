@@ -126,8 +126,8 @@ async def test_if_none_match_answers_304_without_storage_or_libvips(client: http
         if blob.is_file():
             blob.unlink()  # the original is gone: only a 304 that never reads it can still succeed
     services = client.app.state.services  # type: ignore[attr-defined]
-    services.renderer.variants.evict_group(image_id)
-    services.renderer.originals.evict_group(image_id)
+    for cache in (services.renderer.variants, services.renderer.originals, services.renderer.decoded):
+        cache.clear()
     for if_none_match in (etag, f'"nope", {etag}', f"W/{etag}", "*"):
         response = await client.get(f"/img/{image_id}?w=640&fmt=webp", headers={"If-None-Match": if_none_match})
         assert response.status_code == 304, if_none_match
@@ -255,7 +255,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_render(client: http
 async def test_a_burst_of_sizes_reads_the_original_once(client: httpx.AsyncClient) -> None:
     image_id = await upload(client, PHOTO)
     services = client.app.state.services  # type: ignore[attr-defined]
-    services.renderer.originals.evict_group(image_id)
+    services.renderer.originals.clear()
     reads = 0
     real_get = services.store.get
 

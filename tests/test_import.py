@@ -42,16 +42,31 @@ async def test_folder_import_reports_failures_and_resumes(database_url: str, tmp
     first = run_cli("import", str(tree), "--owner", "alice", "--category", "archive", env=env)
     assert first.returncode == 1  # one file failed, the others went in
     rows = list(csv.DictReader(io.StringIO(first.stdout)))
-    assert sorted(r["status"] for r in rows) == ["failed", "imported", "imported", "imported", "skipped"]
+    assert sorted(r["status"] for r in rows) == ["failed", "imported", "imported", "imported", "imported"]
     assert "broken.jpg: 415 unsupported-format" in first.stderr
-    assert "imported 3, skipped 1 (already there), failed 1" in first.stderr
-    assert await owners_and_formats(database_url) == [("alice", "gif"), ("alice", "jpeg"), ("alice", "png")]
+    assert "imported 4, skipped 0 (imported before), failed 1" in first.stderr
+    # Every file is its own image; the two copies of one photo share one blob.
+    assert await owners_and_formats(database_url) == [("alice", "gif"), ("alice", "jpeg"), ("alice", "jpeg"),
+                                                      ("alice", "png")]  # fmt: skip
+    assert len([p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]) == 3
+    first_ids = {r["old_id"]: r["new_id"] for r in rows}
 
     (tree / "2024" / "broken.jpg").unlink()
     shutil.copy(WEBP_ANIMATED, tree / "d.webp")
     again = run_cli("import", str(tree), "--owner", "alice", "--category", "archive", env=env)
     assert again.returncode == 0, again.stderr
-    assert "imported 1, skipped 4 (already there), failed 0" in again.stderr
+    assert "imported 1, skipped 4 (imported before), failed 0" in again.stderr
+    rows = {r["old_id"]: r for r in csv.DictReader(io.StringIO(again.stdout))}
+    assert all(rows[k]["new_id"] == v for k, v in first_ids.items() if v)  # the same ids, nothing duplicated
+    assert len(await owners_and_formats(database_url)) == 5
+
+    # The same folder reached by another path is the same source; a file changed since is refused, not duplicated.
+    (tree / "a.jpg").write_bytes(PNG_ALPHA.read_bytes())
+    relative = run_cli("import", str(tree / "2024" / ".." / "a.jpg"), "--owner", "alice", "--category", "archive",
+                       env=env)  # fmt: skip
+    assert relative.returncode == 1
+    assert "422 idempotency-key-reused" in relative.stderr
+    assert len(await owners_and_formats(database_url)) == 5
 
 
 async def test_sql_import_of_bytea_base64_and_data_uris(database_url: str, tmp_path: Path) -> None:
@@ -88,6 +103,11 @@ async def test_sql_import_of_bytea_base64_and_data_uris(database_url: str, tmp_p
     assert all(len(rows[k]["new_id"]) == 22 for k in ("1", "2", "3")) and rows["4"]["new_id"] == ""
     assert "4: undecodable data column" in result.stderr and "5: 415 unsupported-format" in result.stderr
     assert await owners_and_formats(database_url) == [("ann", "jpeg"), ("ben", "png"), ("cat", "gif")]
+
+    rerun = run_cli("import", "--sql", bytea_query, "--dsn", database_url, env=env)  # resumes: nothing new
+    assert rerun.returncode == 0 and "imported 0, skipped 1 (imported before)" in rerun.stderr
+    assert next(csv.DictReader(io.StringIO(rerun.stdout)))["new_id"] == rows["1"]["new_id"]
+    assert len(await owners_and_formats(database_url)) == 3
 
 
 def test_a_failing_query_is_a_clear_error(database_url: str, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ LAYERS = [
     {"errors", "config", "metrics", "logs"},
     {"spec"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations", "geometry"},
-    {"storage", "catalog", "pipeline", "client", "openapi"},
+    {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
     {"auth", "upload", "gc"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},

@@ -291,6 +291,23 @@ def test_a_deleted_image_stops_being_served_when_its_validity_ends(short: NginxP
         }
 
 
+def test_deleting_one_of_two_images_of_a_photo_leaves_the_other_served(
+    http: httpx.Client, server: ServerProcess
+) -> None:
+    kept, gone = upload(http, category="avatar"), upload(http, category="post")  # one blob, two images
+    for image_id in (kept, gone):
+        assert http.get(f"/img/{image_id}?w=96").headers["x-cache-status"] == "MISS"
+    assert http.delete(f"/images/{gone}").status_code == 204
+    assert httpx.get(f"{server.url}/img/{gone}?w=96").status_code == 404
+    cached = http.get(f"/img/{kept}?w=96")
+    assert (cached.status_code, cached.headers["x-cache-status"]) == (200, "HIT")
+    fresh = http.get(f"/img/{kept}?w=128")  # a miss goes through to imgsvc, which still renders it
+    assert (fresh.status_code, fresh.headers["x-cache-status"]) == (200, "MISS")
+    assert fresh.headers["content-type"] == "image/jpeg" and len(fresh.content) > 1000
+    assert http.get(f"/images/{kept}").json()["category"] == "avatar"
+    assert http.get(f"/images/{kept}/original").content == FLICKR.read_bytes()
+
+
 def test_stale_copies_are_served_only_while_imgsvc_fails(short: NginxProcess, server: ServerProcess) -> None:
     """The one exception to the bound above: with imgsvc down, nginx keeps answering from what it has."""
     with httpx.Client(base_url=short.url, timeout=30) as http:

@@ -31,12 +31,14 @@ async def test_metrics_count_requests_renders_caches_and_uploads(client: httpx.A
         "hit": sample("imgsvc_cache_requests_total", tier="variant", result="hit"),
         "miss": sample("imgsvc_cache_requests_total", tier="variant", result="miss"),
         "created": sample("imgsvc_uploads_total", outcome="created"),
-        "existing": sample("imgsvc_uploads_total", outcome="existing"),
+        "replayed": sample("imgsvc_uploads_total", outcome="replayed"),
         "unsupported": sample("imgsvc_uploads_total", outcome="unsupported-format"),
         "out": sample("imgsvc_http_bytes_total", direction="out"),
     }
     image_id = await upload(client, FLICKR)
-    await client.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/*"})
+    retry = {"Content-Type": "image/*", "Idempotency-Key": "upload-1"}
+    await client.post("/images", content=FLICKR.read_bytes(), headers=retry)
+    await client.post("/images", content=FLICKR.read_bytes(), headers=retry)
     await client.post("/images", content=b"<svg/>", headers={"Content-Type": "image/svg+xml"})
     first = await client.get(f"/img/{image_id}?w=100&fmt=webp")
     await client.get(f"/img/{image_id}?w=100&fmt=webp")
@@ -47,8 +49,8 @@ async def test_metrics_count_requests_renders_caches_and_uploads(client: httpx.A
         assert sample("imgsvc_render_stage_seconds_count", stage=stage, format="webp") - before[stage] == 1
     assert sample("imgsvc_cache_requests_total", tier="variant", result="hit") - before["hit"] == 1
     assert sample("imgsvc_cache_requests_total", tier="variant", result="miss") - before["miss"] == 1
-    assert sample("imgsvc_uploads_total", outcome="created") - before["created"] == 1
-    assert sample("imgsvc_uploads_total", outcome="existing") - before["existing"] == 1
+    assert sample("imgsvc_uploads_total", outcome="created") - before["created"] == 2
+    assert sample("imgsvc_uploads_total", outcome="replayed") - before["replayed"] == 1
     assert sample("imgsvc_uploads_total", outcome="unsupported-format") - before["unsupported"] == 1
     assert sample("imgsvc_http_bytes_total", direction="out") - before["out"] >= 2 * len(first.content)
 

@@ -73,7 +73,8 @@ async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recover
 def test_two_real_replicas_over_postgres_and_seaweedfs(
     seaweed: SeaweedS3, database_url: str, tmp_path: Path
 ) -> None:
-    """Upload on A, render on B, delete on A -> 404 on B within a second; one blob for two uploads."""
+    """The same bytes uploaded through A and B at once: two images, one blob. Deleting one on A is a 404 on B
+    within a second, while the other keeps rendering on B (variant LRU hit and a new size)."""
     env = {"IMGSVC_DATABASE_URL": database_url, **s3_env(seaweed, f"replicas-{uuid.uuid4().hex[:8]}")}
     a = ServerProcess(env, tmp_path / "a.log").start()
     b = ServerProcess(env, tmp_path / "b.log").start()
@@ -86,16 +87,20 @@ def test_two_real_replicas_over_postgres_and_seaweedfs(
 
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 both = list(pool.map(post, (a.url, b.url)))  # the same bytes through both replicas at once
-            assert sorted(r.status_code for r in both) == [200, 201]
-            image_id = both[0].json()["id"]
-            assert both[1].json()["id"] == image_id
-            variant = f"{b.url}/img/{image_id}?w=256&fmt=webp"
-            assert http.get(variant).status_code == 200 and http.get(variant).headers["x-cache"] == "hit"
-            assert http.delete(f"{a.url}/images/{image_id}").status_code == 204
+            assert [r.status_code for r in both] == [201, 201]
+            gone, kept = both[0].json()["id"], both[1].json()["id"]
+            assert gone != kept
+            deleted_variant, kept_variant = (f"{b.url}/img/{i}?w=256&fmt=webp" for i in (gone, kept))
+            for url in (deleted_variant, kept_variant):
+                assert http.get(url).status_code == 200 and http.get(url).headers["x-cache"] == "hit"
+            assert http.delete(f"{a.url}/images/{gone}").status_code == 204
             deleted = time.monotonic()
-            while http.get(variant).status_code != 404:
+            while http.get(deleted_variant).status_code != 404:
                 assert time.monotonic() - deleted < 1.0, "B still serves the deleted image after 1 s"
                 time.sleep(0.01)
+            survivor = http.get(kept_variant)
+            assert (survivor.status_code, survivor.headers["x-cache"]) == (200, "hit")  # its LRU entry stayed
+            assert http.get(f"{b.url}/img/{kept}?w=384&fmt=png").status_code == 200  # and a miss renders
         assert len(seaweed_keys(seaweed, env["IMGSVC_STORAGE_URL"])) == 1  # two uploads, one blob
     finally:
         a.stop()

@@ -31,11 +31,17 @@ def test_concurrent_uploads_of_the_same_bytes_over_http(server: ServerProcess, t
     def post(_: int) -> httpx.Response:
         return httpx.post(f"{server.url}/images", content=data, headers={"Content-Type": "image/jpeg"}, timeout=30)
 
+    def retry(_: int) -> httpx.Response:
+        headers = {"Content-Type": "image/jpeg", "Idempotency-Key": "one-upload"}
+        return httpx.post(f"{server.url}/images", content=data, headers=headers, timeout=30)
+
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(post, range(6)))
-    assert sorted(r.status_code for r in responses) == [200] * 5 + [201]
-    assert len({r.json()["id"] for r in responses}) == 1
-    assert len([p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]) == 1
+        retries = list(pool.map(retry, range(6)))
+    assert [r.status_code for r in responses + retries] == [201] * 12
+    assert len({r.json()["id"] for r in responses}) == 6  # every upload its own image
+    assert len({r.json()["id"] for r in retries}) == 1  # ... but a retried one is the same upload
+    assert len([p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]) == 1  # and one blob for all
 
 
 def test_embedded_defaults_keep_every_image_across_restarts(tmp_path: Path) -> None:
