@@ -274,8 +274,7 @@ class Ingest:
             created_at=datetime.now(UTC),
         )
         async with self.catalog.blob_lock(sha256) as conn:  # garbage collection cannot take the blob meanwhile
-            # A live image of these bytes means the blob is there (gc keeps it, and waits for this lock).
-            if not await self.catalog.live_references(conn, sha256):
+            if not await self.store.exists(blob_key(sha256)):  # identical bytes are written once
                 await self.store.put(blob_key(sha256), data)
             async with conn.transaction():
                 stored = await self.catalog.insert(record, conn)

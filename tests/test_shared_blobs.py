@@ -236,3 +236,17 @@ async def test_the_migration_keeps_existing_images_and_lifts_the_one_image_per_b
         assert new.headers["etag"] == old.headers["etag"]  # ETags come from the bytes and the spec, not the record
         assert (await client.get("/images/OldImageOldImageOldIma")).json()["category"] == "gig"
     assert blob_files(tmp_path) == [blob]
+
+
+async def test_identical_bytes_are_written_once_and_a_lost_blob_is_written_again(
+    client: httpx.AsyncClient, alice: str, tmp_path: Path
+) -> None:
+    first = (await post(client, alice)).json()["id"]
+    (blob,) = blob_files(tmp_path)
+    written = (blob.stat().st_ino, blob.stat().st_mtime_ns)
+    await post(client, alice)
+    assert (blob.stat().st_ino, blob.stat().st_mtime_ns) == written  # not rewritten
+    blob.unlink()  # lost by an operator's mistake: the next upload of these bytes restores it
+    assert (await post(client, alice)).status_code == 201
+    assert blob.read_bytes() == FLICKR.read_bytes()
+    assert (await client.get(f"/img/{first}?w=48")).status_code == 200
