@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -42,7 +43,7 @@ async def _principal(request: Request) -> Principal:
 def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
     svc = services(request)
     base = f"{svc.settings.effective_public_url}/img/{image.id}"
-    widths = [w for w in (svc.settings.unsigned_widths or DEFAULT_WIDTHS) if w <= image.width] or [image.width]
+    widths = [w for w in (svc.settings.unsigned_widths or DEFAULT_WIDTHS) if w <= image.width]
     return {
         "id": image.id,
         "format": image.format,
@@ -62,7 +63,8 @@ def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
             "render": base,
             **{name: f"{base}?p={name}" for name in svc.spec_limits.presets},
         },
-        "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths),
+        # Unsigned sizes only; an image narrower than all of them is offered at its own size (no w).
+        "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths) or f"{base} {image.width}w",
     }
 
 
@@ -160,12 +162,15 @@ async def render_image(request: Request) -> Response:
     svc = services(request)
     query = parse_query(parse_qsl(request.url.query, keep_blank_values=True), svc.spec_limits)
     principal = await authenticate(request, svc.verifier, required=False)
+    client = request.client.host if request.client else ""  # behind a trusted proxy, the forwarded address
+    exempt = principal is not None and "images:admin" in principal.scopes
     variant = await svc.renderer.render(
         request.path_params["id"],
         query,
         accept=request.headers.get("accept"),
         principal=principal,
         if_none_match=request.headers.get("if-none-match"),
+        charge=None if exempt else partial(svc.render_limiter.hit, client),
     )
     headers = _variant_headers(variant, variant.cache_status)
     if variant.data is None:
@@ -254,4 +259,3 @@ def _single_params(request: Request, allowed: set[str]) -> dict[str, str]:
             raise InvalidParameter(f"parameter {key!r} given twice", param=key)
         params[key] = value
     return params
-
