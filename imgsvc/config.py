@@ -294,7 +294,7 @@ class Settings:
     )
     render_burst: int = _setting(
         30,
-        "Render misses one client address may make at once before render_rate applies.",
+        "Render misses one client address may make at once before IMGSVC_RENDER_RATE applies.",
         parse=_int(1, 1_000_000),
     )
 

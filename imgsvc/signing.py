@@ -26,7 +26,7 @@ from imgsvc.spec import (
     parse_query,
 )
 
-T = TypeVar("T", int, float, str)
+_V = TypeVar("_V", int, float, str)
 
 SIGNATURE_CHARS = 32  # 192 bits of the HMAC, base64url
 
@@ -152,15 +152,15 @@ class UnsignedSpace:
         _require("bg", spec.background, self.backgrounds, "these backgrounds")
 
 
-def _values(allowed: Iterable[T] | None) -> frozenset[T] | None:
+def _values(allowed: Iterable[_V] | None) -> frozenset[_V] | None:
     return None if allowed is None else frozenset(allowed)
 
 
-def _union(allowed: frozenset[T] | None, more: list[T]) -> frozenset[T] | None:
+def _union(allowed: frozenset[_V] | None, more: list[_V]) -> frozenset[_V] | None:
     return None if allowed is None else allowed | frozenset(more)
 
 
-def _require(param: str, value: T, allowed: frozenset[T] | None, what: str) -> None:
+def _require(param: str, value: _V, allowed: frozenset[_V] | None, what: str) -> None:
     if allowed is None or value in allowed:
         return
     if not allowed or allowed == {DEFAULT_BACKGROUND}:
