@@ -17,6 +17,7 @@ from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
+from imgsvc.ratelimit import client_key
 from imgsvc.render import Variant
 from imgsvc.services import Services
 from imgsvc.spec import accept_token, parse_query
@@ -162,7 +163,7 @@ async def render_image(request: Request) -> Response:
     svc = services(request)
     query = parse_query(parse_qsl(request.url.query, keep_blank_values=True), svc.spec_limits)
     principal = await authenticate(request, svc.verifier, required=False)
-    client = request.client.host if request.client else ""  # behind a trusted proxy, the forwarded address
+    client = client_key(request.client.host if request.client else "")  # from a trusted proxy, the forwarded one
     exempt = principal is not None and "images:admin" in principal.scopes
     variant = await svc.renderer.render(
         request.path_params["id"],

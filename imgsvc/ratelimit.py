@@ -3,6 +3,7 @@ caller meets 429 + Retry-After, the others never notice."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -10,6 +11,18 @@ from collections.abc import Callable
 from cachetools import TTLCache
 
 from imgsvc.errors import RateLimited
+
+
+def client_key(host: str) -> str:
+    """The bucket of a client address: IPv4 as is, IPv6 by its /64 (one host usually holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        return str(mapped) if mapped else str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
 
 
 class RateLimiter:

@@ -17,7 +17,8 @@ from imgsvc.auth import Principal
 from imgsvc.catalog import ImageRecord
 from imgsvc.client import RenderUrls
 from imgsvc.config import DEFAULT_WIDTHS, ConfigError, Settings
-from imgsvc.errors import Forbidden, InvalidParameter, Unauthorized
+from imgsvc.errors import Forbidden, InvalidParameter, RateLimited, Unauthorized
+from imgsvc.ratelimit import RateLimiter, client_key
 from imgsvc.render import authorize_view
 from imgsvc.signing import DEFAULT_UNSIGNED, UNSIGNED, Grant, Keyring, UnsignedSpace, UrlPolicy, verify
 from imgsvc.spec import SpecLimits, parse_query
@@ -391,3 +392,23 @@ async def test_the_image_json_urls_render_unsigned(settings: Settings, size: tup
         for url, descriptor in candidates:  # each candidate is as wide as it says
             decoded = pyvips.Image.new_from_buffer((await client.get(url)).content, "")
             assert f"{decoded.width}w" == descriptor
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("203.0.113.7", "203.0.113.8", False),
+        ("2001:db8:1:2::7", "2001:db8:1:2:ffff::8", True),  # one /64: usually one host or one home
+        ("2001:db8:1:2::7", "2001:db8:1:3::7", False),
+        ("::ffff:203.0.113.7", "203.0.113.7", True),
+    ],
+)
+def test_render_buckets_are_per_ipv4_address_and_per_ipv6_64(first: str, second: str, shared: bool) -> None:
+    limiter = RateLimiter(1, 2, what="render misses")
+    limiter.hit(client_key(first))
+    limiter.hit(client_key(first))
+    if shared:
+        with pytest.raises(RateLimited):
+            limiter.hit(client_key(second))
+    else:
+        limiter.hit(client_key(second))
