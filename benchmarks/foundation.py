@@ -22,7 +22,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {"IMGSVC_DATA_DIR": f"{tmp}/data", "IMGSVC_PORT": str(port), "IMGSVC_CACHE_BYTES": "0"}
+        env = {
+            "IMGSVC_DATA_DIR": f"{tmp}/data",
+            "IMGSVC_PORT": str(port),
+            "IMGSVC_CACHE_BYTES": "0",
+            "IMGSVC_RENDER_RATE": "0",
+        }
         command = ["make", "--no-print-directory", "run"]
         proc, first = start(command, env, url, Path(tmp) / "first.log")
         stop(proc)

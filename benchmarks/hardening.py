@@ -69,7 +69,8 @@ def deadline_release(tmp: Path) -> tuple[float, float, float]:
     """(p50 time to the 503 of a killed render, p50 of the next small render right after, deadline)."""
     deadline = 0.3
     proc, url = start_imgsvc(tmp / "deadline", IMGSVC_WORKERS="1", IMGSVC_RENDER_TIMEOUT=str(deadline),
-                             IMGSVC_CACHE_BYTES="0", IMGSVC_UNSIGNED_WIDTHS="*")  # fmt: skip
+                             IMGSVC_CACHE_BYTES="0", IMGSVC_UNSIGNED_WIDTHS="*",
+                             IMGSVC_UNSIGNED_EFFECTS="true")  # fmt: skip  # blur=100 unsigned
     killed, after = [], []
     try:
         image_id = httpx.post(f"{url}/images", content=PHOTO, headers={"Content-Type": "image/jpeg"}).json()["id"]

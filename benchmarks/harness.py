@@ -72,7 +72,8 @@ def start(
 def start_imgsvc(data_dir: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    settings = {"IMGSVC_DATA_DIR": str(data_dir), "IMGSVC_PORT": str(port), "IMGSVC_LOG_LEVEL": "warning", **env}
+    settings = {"IMGSVC_DATA_DIR": str(data_dir), "IMGSVC_PORT": str(port), "IMGSVC_LOG_LEVEL": "warning",
+                "IMGSVC_RENDER_RATE": "0", **env}  # fmt: skip  # one address sends every request here
     proc, _ = start([sys.executable, "-m", "imgsvc", "serve"], settings, url, data_dir.parent / f"imgsvc-{port}.log")
     return proc, url
 

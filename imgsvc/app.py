@@ -28,7 +28,7 @@ from imgsvc.middleware import RequestContext
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.services import Services
-from imgsvc.signing import Keyring, UrlPolicy
+from imgsvc.signing import Keyring, UnsignedSpace, UrlPolicy
 from imgsvc.spec import PresetItems, SpecLimits, parse_presets
 from imgsvc.storage import BlobStore, open_store
 from imgsvc.storage.s3 import S3Config
@@ -83,11 +83,14 @@ def build_verifier(settings: Settings) -> Verifier:
 
 
 def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy:
-    sizes = None
-    if settings.unsigned_widths is not None:
-        preset_sizes = {int(value) for items in presets.values() for key, value in items if key in ("w", "h")}
-        sizes = frozenset(settings.unsigned_widths) | preset_sizes
-    return UrlPolicy(Keyring.from_pairs(settings.signing_keys), sizes, settings.require_signed)
+    space = UnsignedSpace.allowing(
+        settings.unsigned_widths,
+        settings.unsigned_qualities,
+        settings.unsigned_formats,
+        settings.unsigned_gravities,
+        effects=settings.unsigned_effects,
+    ).with_presets(presets, SpecLimits(max_output_dim=settings.max_output_dim))
+    return UrlPolicy(Keyring.from_pairs(settings.signing_keys), space, settings.require_signed)
 
 
 def s3_config(settings: Settings) -> S3Config:
@@ -155,6 +158,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool)),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
             upload_limiter=RateLimiter(settings.upload_rate),
+            render_limiter=RateLimiter(settings.render_rate, settings.render_burst, what="render misses"),
             listener=listener,
         )
 

@@ -1,7 +1,7 @@
 """Build render URLs and `srcset` strings, signed or not, without a network call.
 
-For the main application: `RenderUrls("https://img.example.com", keys=[("k1", SECRET)])`. It uses
-the server's own canonical form, so what it signs is exactly what the server verifies.
+For the main application: `RenderUrls("https://img.example.com", keys=[("k1", SECRET)])`. It uses the server's
+own canonical form and unsigned allow-list, so what it signs or leaves unsigned is what the server accepts.
 """
 
 from __future__ import annotations
@@ -10,18 +10,30 @@ import time
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote
 
-from imgsvc.signing import Keyring, signed_query
+from imgsvc.signing import DEFAULT_UNSIGNED, Keyring, UnsignedSpace, signed_query
 from imgsvc.spec import SpecLimits, parse_query
 
 
 class RenderUrls:
-    def __init__(self, base_url: str, keys: Sequence[tuple[str, str]] = (), *, max_output_dim: int = 8192) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        keys: Sequence[tuple[str, str]] = (),
+        *,
+        max_output_dim: int = 8192,
+        unsigned: UnsignedSpace | None = DEFAULT_UNSIGNED,
+    ) -> None:
+        """`unsigned`: what the server serves without a signature (its defaults unless told; None: anything)."""
         self.base_url = base_url.rstrip("/")
         self.keyring = Keyring.from_pairs(keys)
         self.limits = SpecLimits(max_output_dim=max_output_dim)
+        self.unsigned = unsigned
 
     def url(self, image_id: str, *, expires_in: int | None = None, sign: bool = True, **params: object) -> str:
-        """`url("Xb3...", w=256, fmt="webp")`; signed when keys are configured, with `exp` when asked."""
+        """`url("Xb3...", w=256, fmt="webp")`; signed when keys are configured, with `exp` when asked.
+
+        Raises InvalidParameter for a malformed query, or an unsigned one outside the unsigned space.
+        """
         items = [(key, str(value)) for key, value in params.items() if value is not None]
         query = parse_query(items, self.limits)  # raises InvalidParameter exactly as the server would
         path = f"{self.base_url}/img/{quote(image_id, safe='')}"
@@ -30,6 +42,8 @@ class RenderUrls:
             return f"{path}?{signed_query(self.keyring, image_id, query.spec, exp)}"
         if expires_in is not None:
             raise ValueError("expires_in needs signing keys")
+        if self.unsigned is not None:
+            self.unsigned.check(query.spec)  # raises InvalidParameter as the server would answer 400
         canonical = query.spec.canonical_query()
         return f"{path}?{canonical}" if canonical else path
 

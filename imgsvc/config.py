@@ -18,6 +18,9 @@ AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 DEFAULT_WIDTHS = (16, 32, 48, 64, 96, 128, 256, 384, 640, 750, 828, 1080, 1200, 1920, 2048, 3840)
+UNSIGNED_FORMATS = ("auto", "jpeg", "png", "webp", "avif", "gif")  # every fmt: each is one encode of one size
+UNSIGNED_GRAVITIES = ("center", "north", "south", "east", "west", "ne", "nw", "se", "sw")  # crops, not analyses
+DEFAULT_UNSIGNED_QUALITIES = (60, 75, 85)
 DEFAULT_PRESETS = "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024"
 MiB = 1024 * 1024
 
@@ -72,6 +75,30 @@ def _widths(text: str) -> tuple[int, ...] | None:
     if not values:
         raise ValueError("needs at least one width, or * for any")
     return values
+
+
+def _any_or(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...] | None]:
+    """A comma-separated list parsed item by item (sorted, deduplicated), or `*` for any value (None)."""
+
+    def parse_list(text: str) -> tuple[Any, ...] | None:
+        if text.strip() == "*":
+            return None
+        values = tuple(sorted({parse(part) for part in text.split(",") if part.strip()}))
+        if not values:
+            raise ValueError("needs at least one value, or * for any")
+        return values
+
+    return parse_list
+
+
+def _member(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
 
 
 def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
@@ -236,6 +263,40 @@ class Settings:
         parse=_bool,
     )
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
+
+    unsigned_qualities: tuple[int, ...] | None = _setting(
+        DEFAULT_UNSIGNED_QUALITIES,
+        "Values of q an unsigned URL may ask for (a format's default quality needs no q), comma-separated; "
+        "* allows 1..100.",
+        parse=_any_or(_int(1, 100)),
+    )
+    unsigned_formats: tuple[str, ...] | None = _setting(
+        UNSIGNED_FORMATS,
+        "Values of fmt an unsigned URL may ask for, comma-separated; * allows every format.",
+        parse=_any_or(_member(UNSIGNED_FORMATS)),
+    )
+    unsigned_gravities: tuple[str, ...] | None = _setting(
+        UNSIGNED_GRAVITIES,
+        "Values of g an unsigned URL may ask for, comma-separated; * also allows smart and entropy (which analyse "
+        "the pixels).",
+        parse=_any_or(_member((*UNSIGNED_GRAVITIES, "smart", "entropy"))),
+    )
+    unsigned_effects: bool = _setting(
+        False,
+        "Unsigned URLs may also set blur and bg (any value, each a new render); presets always may.",
+        parse=_bool,
+    )
+    render_rate: int = _setting(
+        120,
+        "Render misses per minute per client address (after a trusted proxy's X-Forwarded-For); 0 disables "
+        "the limit; images:admin tokens are exempt.",
+        parse=_int(0, 1_000_000),
+    )
+    render_burst: int = _setting(
+        30,
+        "Render misses one client address may make at once before IMGSVC_RENDER_RATE applies.",
+        parse=_int(1, 1_000_000),
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -17,6 +18,7 @@ from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
 from imgsvc.idempotency import HEADER as IDEMPOTENCY_HEADER, parse_key
+from imgsvc.ratelimit import client_key
 from imgsvc.render import Variant
 from imgsvc.services import Services
 from imgsvc.spec import accept_token, parse_query
@@ -43,7 +45,7 @@ async def _principal(request: Request) -> Principal:
 def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
     svc = services(request)
     base = f"{svc.settings.effective_public_url}/img/{image.id}"
-    widths = [w for w in (svc.settings.unsigned_widths or DEFAULT_WIDTHS) if w <= image.width] or [image.width]
+    widths = [w for w in (svc.settings.unsigned_widths or DEFAULT_WIDTHS) if w <= image.width]
     return {
         "id": image.id,
         "format": image.format,
@@ -63,7 +65,8 @@ def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
             "render": base,
             **{name: f"{base}?p={name}" for name in svc.spec_limits.presets},
         },
-        "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths),
+        # Unsigned sizes only; an image narrower than all of them is offered at its own size (no w).
+        "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths) or f"{base} {image.width}w",
     }
 
 
@@ -166,12 +169,15 @@ async def render_image(request: Request) -> Response:
     svc = services(request)
     query = parse_query(parse_qsl(request.url.query, keep_blank_values=True), svc.spec_limits)
     principal = await authenticate(request, svc.verifier, required=False)
+    client = client_key(request.client.host if request.client else "")  # from a trusted proxy, the forwarded one
+    exempt = principal is not None and "images:admin" in principal.scopes
     variant = await svc.renderer.render(
         request.path_params["id"],
         query,
         accept=request.headers.get("accept"),
         principal=principal,
         if_none_match=request.headers.get("if-none-match"),
+        charge=None if exempt else partial(svc.render_limiter.hit, client),
     )
     headers = _variant_headers(variant, variant.cache_status)
     if variant.data is None:
@@ -260,4 +266,3 @@ def _single_params(request: Request, allowed: set[str]) -> dict[str, str]:
             raise InvalidParameter(f"parameter {key!r} given twice", param=key)
         params[key] = value
     return params
-

@@ -1,7 +1,9 @@
-"""Per-subject token buckets: a flood from one caller meets 429 + Retry-After, the others never notice."""
+"""Per-subject token buckets (uploads per token subject, render misses per client address): a flood from one
+caller meets 429 + Retry-After, the others never notice."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -11,12 +13,30 @@ from cachetools import TTLCache
 from imgsvc.errors import RateLimited
 
 
+def client_key(host: str) -> str:
+    """The bucket of a client address: IPv4 as is, IPv6 by its /64 (one host usually holds a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        return str(mapped) if mapped else str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
 class RateLimiter:
     """`per_minute` events per subject on average, with bursts of up to `burst`; 0 disables it."""
 
     def __init__(
-        self, per_minute: int, burst: int | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        per_minute: int,
+        burst: int | None = None,
+        *,
+        what: str = "uploads",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.what = what
         self.rate = per_minute / 60.0
         self.burst = float(burst if burst is not None else per_minute)
         self._clock = clock
@@ -33,6 +53,7 @@ class RateLimiter:
         if tokens < 1.0:
             retry_after = math.ceil((1.0 - tokens) / self.rate)
             raise RateLimited(
-                f"too many uploads: at most {self.rate * 60:g} a minute", headers={"Retry-After": str(retry_after)}
+                f"too many {self.what}: at most {self.rate * 60:g} a minute in bursts of up to {self.burst:g}",
+                headers={"Retry-After": str(retry_after)},
             )
         self._buckets[subject] = (tokens - 1.0, now)

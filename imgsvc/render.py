@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pyvips
@@ -173,7 +174,9 @@ class Renderer:
         accept: str | None,
         principal: Principal | None,
         if_none_match: str | None,
+        charge: Callable[[], None] | None = None,
     ) -> Variant:
+        """The variant to answer with; `charge` is called (and may raise RateLimited) only when it must be rendered."""
         grant = self.policy.grant(image_id, query)  # before any I/O: a bad URL costs no database read
         looked_up, trust_epoch = time.monotonic(), self.trust_epoch
         image = await self.lookup(image_id)
@@ -197,6 +200,8 @@ class Renderer:
         metrics.cache_total.labels("variant", "miss" if data is None else "hit").inc()
         if data is not None:
             return replace(variant, data=data, cache_status="hit")
+        if charge is not None:  # per request, outside the single flight: a 429 never reaches others waiting on it
+            charge()
 
         async def produce() -> bytes:
             with self.pool.admit():  # refuse before reading the original, not after

@@ -25,5 +25,6 @@ class Services:
     ingest: Ingest
     spec_limits: SpecLimits
     upload_limiter: RateLimiter
+    render_limiter: RateLimiter  # render misses per client address
     listener: DeleteListener
     draining: bool = False

@@ -10,11 +10,23 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
+from imgsvc.config import DEFAULT_UNSIGNED_QUALITIES, DEFAULT_WIDTHS, UNSIGNED_FORMATS, UNSIGNED_GRAVITIES
 from imgsvc.errors import Forbidden, InvalidParameter
-from imgsvc.spec import ParsedQuery, TransformSpec
+from imgsvc.spec import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_PRESETS,
+    ParsedQuery,
+    PresetItems,
+    SpecLimits,
+    TransformSpec,
+    parse_query,
+)
+
+_V = TypeVar("_V", int, float, str)
 
 SIGNATURE_CHARS = 32  # 192 bits of the HMAC, base64url
 
@@ -83,11 +95,92 @@ def verify(keyring: Keyring | None, image_id: str, query: ParsedQuery, now: floa
 
 
 @dataclass(frozen=True, slots=True)
+class UnsignedSpace:
+    """The variants an unsigned URL may name, checked on the canonical spec; None allows any value."""
+
+    sizes: frozenset[int] | None = frozenset(DEFAULT_WIDTHS)  # w and h, after dpr
+    qualities: frozenset[int] | None = frozenset(DEFAULT_UNSIGNED_QUALITIES)
+    formats: frozenset[str] | None = frozenset(UNSIGNED_FORMATS)
+    gravities: frozenset[str] | None = frozenset(UNSIGNED_GRAVITIES)
+    blurs: frozenset[float] | None = frozenset()  # only "no blur"
+    backgrounds: frozenset[str] | None = frozenset({DEFAULT_BACKGROUND})
+
+    @classmethod
+    def allowing(
+        cls,
+        sizes: Iterable[int] | None,
+        qualities: Iterable[int] | None,
+        formats: Iterable[str] | None,
+        gravities: Iterable[str] | None,
+        *,
+        effects: bool = False,
+    ) -> UnsignedSpace:
+        """The space of the settings' lists (None: any value); `effects` allows any blur and bg as well."""
+        return cls(
+            _values(sizes),
+            _values(qualities),
+            _values(formats),
+            _values(gravities),
+            None if effects else frozenset(),
+            None if effects else frozenset({DEFAULT_BACKGROUND}),
+        )
+
+    def with_presets(self, presets: Mapping[str, PresetItems], limits: SpecLimits) -> UnsignedSpace:
+        """Also allow every value a preset sets, so that a preset is unsigned however it is spelled."""
+        specs = [parse_query(items, replace(limits, presets={})).spec for items in presets.values()]
+        return UnsignedSpace(
+            _union(self.sizes, [size for spec in specs for size in (spec.width, spec.height) if size is not None]),
+            _union(self.qualities, [spec.quality for spec in specs if spec.quality is not None]),
+            _union(self.formats, [spec.format for spec in specs if spec.format is not None]),
+            _union(self.gravities, [spec.gravity for spec in specs]),
+            _union(self.blurs, [spec.blur for spec in specs if spec.blur is not None]),
+            _union(self.backgrounds, [spec.background for spec in specs]),
+        )
+
+    def check(self, spec: TransformSpec) -> None:
+        """Raise InvalidParameter naming the first parameter of `spec` outside this space."""
+        for param, size in (("w", spec.width), ("h", spec.height)):
+            if size is not None:
+                _require(param, size, self.sizes, "these sizes (after dpr)")
+        if spec.quality is not None:
+            _require("q", spec.quality, self.qualities, "these qualities")
+        if spec.format is not None:
+            _require("fmt", spec.format, self.formats, "these formats")
+        _require("g", spec.gravity, self.gravities, "these gravities")
+        if spec.blur is not None:
+            _require("blur", spec.blur, self.blurs, "these blurs")
+        _require("bg", spec.background, self.backgrounds, "these backgrounds")
+
+
+def _values(allowed: Iterable[_V] | None) -> frozenset[_V] | None:
+    return None if allowed is None else frozenset(allowed)
+
+
+def _union(allowed: frozenset[_V] | None, more: list[_V]) -> frozenset[_V] | None:
+    return None if allowed is None else allowed | frozenset(more)
+
+
+def _require(param: str, value: _V, allowed: frozenset[_V] | None, what: str) -> None:
+    if allowed is None or value in allowed:
+        return
+    if not allowed or allowed == {DEFAULT_BACKGROUND}:
+        raise InvalidParameter(f"an unsigned URL may not set {param}: use a preset or a signed URL", param=param)
+    shown = ", ".join(map(str, sorted(allowed)))
+    raise InvalidParameter(
+        f"an unsigned URL may only ask for {what}: {shown}; use a preset or a signed URL", param=param
+    )
+
+
+# What servers with the default settings serve unsigned (and so what the client leaves unsigned).
+DEFAULT_UNSIGNED = UnsignedSpace().with_presets(DEFAULT_PRESETS, SpecLimits())
+
+
+@dataclass(frozen=True, slots=True)
 class UrlPolicy:
-    """Which render URLs are served: signed ones, or unsigned ones within the size allow-list."""
+    """Which render URLs are served: signed ones, or unsigned ones inside the allow-listed space."""
 
     keyring: Keyring | None = None
-    unsigned_sizes: frozenset[int] | None = None  # None: any size within the limits
+    unsigned: UnsignedSpace | None = DEFAULT_UNSIGNED  # None: any variant within the limits
     require_signed: bool = False
 
     def grant(self, image_id: str, query: ParsedQuery, now: float | None = None) -> Grant:
@@ -96,13 +189,6 @@ class UrlPolicy:
             return grant
         if self.require_signed:
             raise Forbidden("this server only serves signed render URLs", param="s")
-        if self.unsigned_sizes is not None:
-            for param, size in (("w", query.spec.width), ("h", query.spec.height)):
-                if size is not None and size not in self.unsigned_sizes:
-                    allowed = ", ".join(map(str, sorted(self.unsigned_sizes)))
-                    raise InvalidParameter(
-                        f"an unsigned URL may only ask for these sizes (after dpr): {allowed}; "
-                        "use a preset or a signed URL",
-                        param=param,
-                    )
+        if self.unsigned is not None:
+            self.unsigned.check(query.spec)
         return grant

@@ -63,6 +63,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         public_url="http://testserver",
         workers=2,
         unsigned_widths=None,  # the allow-list has its own tests; elsewhere any size is fine
+        render_rate=0,  # so is the per-client render limit; elsewhere one address renders as much as it likes
     )
 
 
@@ -152,6 +153,7 @@ def server_env(database_url: str, tmp_path: Path) -> dict[str, str]:
         "IMGSVC_STORAGE_URL": f"file://{tmp_path / 'blobs'}",
         "IMGSVC_DATA_DIR": str(tmp_path),
         "IMGSVC_WORKERS": "2",
+        "IMGSVC_RENDER_RATE": "0",  # the per-client render limit has its own tests
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,15 +10,20 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
+import pyvips
 
+from imgsvc.app import load_presets, url_policy
 from imgsvc.auth import Principal
 from imgsvc.catalog import ImageRecord
 from imgsvc.client import RenderUrls
-from imgsvc.errors import Forbidden, InvalidParameter, Unauthorized
+from imgsvc.config import DEFAULT_WIDTHS, ConfigError, Settings
+from imgsvc.errors import Forbidden, InvalidParameter, RateLimited, Unauthorized
+from imgsvc.ratelimit import RateLimiter, client_key
 from imgsvc.render import authorize_view
-from imgsvc.signing import UNSIGNED, Grant, Keyring, UrlPolicy, verify
-from imgsvc.spec import parse_query
-from tests.conftest import FLICKR, app_client, with_settings
+from imgsvc.signing import DEFAULT_UNSIGNED, UNSIGNED, Grant, Keyring, UnsignedSpace, UrlPolicy, verify
+from imgsvc.spec import SpecLimits, parse_query
+from tests.conftest import FLICKR, MainApp, ServerProcess, app_client, with_settings
+from tests.test_auth_http import auth_settings, bearer, upload
 
 K1 = ("k1", "k1-secret-0123456789abcdef0123456789")
 K2 = ("k2", "k2-secret-0123456789abcdef0123456789")
@@ -108,7 +114,7 @@ def test_kid_or_exp_without_a_signature_is_refused() -> None:
 
 
 def test_policy_allow_list_and_required_signatures() -> None:
-    policy = UrlPolicy(Keyring.from_pairs([K1]), frozenset({64, 256}))
+    policy = UrlPolicy(Keyring.from_pairs([K1]), UnsignedSpace(sizes=frozenset({64, 256})))
     assert policy.grant(IMAGE, parsed("https://x/?w=256")) == UNSIGNED
     assert policy.grant(IMAGE, parsed("https://x/?w=128&dpr=2")) == UNSIGNED
     for query, param in (("w=300", "w"), ("w=256&h=100", "h"), ("w=100&dpr=2", "w")):
@@ -193,3 +199,216 @@ def test_srcset_lists_each_width_once_in_order() -> None:
     srcset = RenderUrls("https://x", []).srcset(IMAGE, [512, 256, 256], fmt="webp")
     assert srcset == f"https://x/img/{IMAGE}?fmt=webp&w=256 256w, https://x/img/{IMAGE}?fmt=webp&w=512 512w"
     assert httpx.URL(srcset.split(" ")[0]).params["w"] == "256"
+
+
+# --- the unsigned space ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "", "w=256", "p=thumbnail", "p=large&fmt=avif", "w=128&dpr=2", "h=1080&fmt=auto", "w=64&h=64&fit=cover&g=north",
+        "w=640&h=640&fit=contain&g=sw&fmt=png", "w=256&q=75&fmt=webp", "w=256&q=80&fmt=jpeg",  # q=80: jpeg's default
+        "w=256&bg=FFF", "w=256&g=smart",  # white is the default; g only matters for cover and contain
+        "w=3840&fmt=gif&v=7", "w=256&fit=fill&h=16",
+    ],
+)  # fmt: skip
+def test_the_default_unsigned_space_allows_the_listed_variants(query: str) -> None:
+    assert UrlPolicy(Keyring.from_pairs([K1])).grant(IMAGE, parsed(f"https://x/?{query}")) == UNSIGNED
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("w=256&blur=3", "blur"), ("blur=0.3", "blur"), ("w=256&q=50", "q"), ("q=80", "q"),  # q=80 without fmt stays
+        ("w=256&fmt=avif&q=80", "q"), ("w=640&h=640&fit=contain&bg=000", "bg"), ("w=256&bg=fffffe", "bg"),
+        ("w=64&h=64&fit=cover&g=smart", "g"), ("w=64&h=64&fit=cover&g=entropy", "g"), ("w=300", "w"),
+        ("w=256&h=300", "h"), ("w=100&dpr=1.5", "w"), ("p=medium&blur=2", "blur"), ("p=thumbnail&q=1", "q"),
+    ],
+)  # fmt: skip
+def test_everything_else_unsigned_is_a_400_naming_the_parameter(query: str, param: str) -> None:
+    policy = UrlPolicy(Keyring.from_pairs([K1]))
+    with pytest.raises(InvalidParameter) as caught:
+        policy.grant(IMAGE, parsed(f"https://x/?{query}"))
+    assert caught.value.param == param and "signed URL" in caught.value.detail
+    signed = RenderUrls("https://x", [K1]).url(IMAGE, **dict(parse_qsl(query)))
+    assert policy.grant(IMAGE, parsed(signed)).signed
+
+
+def test_a_preset_is_unsigned_however_it_is_spelled() -> None:
+    presets = {"lqip": (("w", "32"), ("blur", "5"), ("fmt", "webp"), ("q", "30")), "hero": (("w", "900"),)}
+    space = DEFAULT_UNSIGNED.with_presets(presets, SpecLimits(presets=presets))
+    policy = UrlPolicy(unsigned=space)
+    limits = SpecLimits(presets=presets)
+    for query in ("p=lqip", "blur=5&fmt=webp&q=30&w=32", "w=32&blur=5.00&q=30&fmt=webp", "p=hero", "w=450&dpr=2"):
+        assert policy.grant(IMAGE, parse_query(parse_qsl(query), limits)) == UNSIGNED
+    for query, param in (("p=lqip&blur=6", "blur"), ("w=901", "w"), ("p=lqip&q=31", "q")):
+        with pytest.raises(InvalidParameter) as caught:
+            policy.grant(IMAGE, parse_query(parse_qsl(query), limits))
+        assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("env", "allowed", "refused"),
+    [
+        ({}, ["w=256&q=60"], ["w=256&q=61", "w=256&blur=1", "w=256&bg=000", "w=99"]),
+        ({"IMGSVC_UNSIGNED_QUALITIES": "40, 90"}, ["w=256&q=40"], ["w=256&q=60"]),
+        ({"IMGSVC_UNSIGNED_QUALITIES": "*"}, ["w=256&q=1"], ["w=256&blur=1"]),
+        ({"IMGSVC_UNSIGNED_FORMATS": "webp,auto"}, ["fmt=webp", "fmt=auto"], ["fmt=avif", "fmt=png"]),
+        ({"IMGSVC_UNSIGNED_GRAVITIES": "*"}, ["w=64&h=64&fit=cover&g=smart"], ["w=64&blur=1"]),
+        ({"IMGSVC_UNSIGNED_GRAVITIES": "center"}, ["w=64&h=64&fit=cover"], ["w=64&h=64&fit=cover&g=north"]),
+        ({"IMGSVC_UNSIGNED_EFFECTS": "true"}, ["w=256&blur=1", "w=256&bg=123456"], ["w=256&q=61"]),
+        ({"IMGSVC_UNSIGNED_WIDTHS": "*"}, ["w=99", "w=256&q=85"], ["w=99&q=86"]),
+        ({"IMGSVC_PRESETS": "soft:w=100&blur=2&bg=000"}, ["p=soft", "w=100"], ["w=100&blur=3", "w=101"]),
+    ],
+)
+def test_the_unsigned_space_follows_the_settings(env: dict[str, str], allowed: list[str], refused: list[str]) -> None:
+    settings = Settings.from_env(env)
+    policy, limits = url_policy(settings, load_presets(settings)), SpecLimits(presets=load_presets(settings))
+    for query in allowed:
+        assert policy.grant(IMAGE, parse_query(parse_qsl(query), limits)) == UNSIGNED, query
+    for query in refused:
+        with pytest.raises(InvalidParameter):
+            policy.grant(IMAGE, parse_query(parse_qsl(query), limits))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "problem"),
+    [
+        ("IMGSVC_UNSIGNED_QUALITIES", "0,50", "between 1 and 100"),
+        ("IMGSVC_UNSIGNED_QUALITIES", ",", "at least one"),
+        ("IMGSVC_UNSIGNED_FORMATS", "jpg", "'jpg' is not one of"),
+        ("IMGSVC_UNSIGNED_GRAVITIES", "middle", "'middle' is not one of"),
+        ("IMGSVC_UNSIGNED_EFFECTS", "maybe", "true or false"),
+        ("IMGSVC_RENDER_RATE", "-1", "between 0"),
+        ("IMGSVC_RENDER_BURST", "0", "between 1"),
+    ],
+)
+def test_unsigned_and_render_rate_settings_are_validated(variable: str, value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: value})
+    assert caught.value.problems[0].startswith(variable) and problem in caught.value.problems[0]
+
+
+def test_the_client_keeps_unsigned_urls_inside_the_space() -> None:
+    urls = RenderUrls("https://x")
+    assert urls.url(IMAGE, w=128, dpr=2, fmt="webp", q=75) == f"https://x/img/{IMAGE}?fmt=webp&q=75&w=256"
+    for params in ({"w": 256, "blur": 2}, {"w": 256, "q": 50}, {"w": 300}):
+        with pytest.raises(InvalidParameter):
+            urls.url(IMAGE, **params)
+    with pytest.raises(InvalidParameter):
+        urls.srcset(IMAGE, [256, 300])
+    assert "blur=2" in RenderUrls("https://x", unsigned=None).url(IMAGE, w=256, blur=2)
+    assert "s=" in RenderUrls("https://x", [K1]).url(IMAGE, w=300, blur=2)  # signed: anything goes
+    custom = UnsignedSpace.allowing([300], None, None, None).with_presets({}, SpecLimits())
+    assert RenderUrls("https://x", unsigned=custom).url(IMAGE, w=300, q=50).endswith("?q=50&w=300")
+
+
+# --- over HTTP: the blur flood, and render misses per client address ----------------------------------------------
+
+
+async def test_forty_distinct_blurs_unsigned_are_refused_before_any_render(settings: Settings) -> None:
+    configured = with_settings(settings, unsigned_widths=DEFAULT_WIDTHS, signing_keys=(K1,))
+    async with app_client(configured) as client:
+        created = await client.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        image_id = created.json()["id"]
+        flood = [client.get(f"/img/{image_id}?w=640&blur={1 + i / 4:g}") for i in range(40)]
+        for refused in await asyncio.gather(*flood):
+            assert (refused.status_code, refused.json()["param"]) == (400, "blur")
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.headers["cache-control"] == "public, max-age=60"  # nginx and the CDN absorb repeats
+        assert client.app.state.services.renderer.renders_started == 0  # type: ignore[attr-defined]
+        signed = await client.get(RenderUrls("http://testserver", [K1]).url(image_id, w=640, blur=2.5))
+        assert (signed.status_code, signed.headers["content-type"]) == (200, "image/jpeg")
+
+
+ALLOWED_VARIANTS = [f"w={w}&fmt={fmt}" for fmt in ("jpeg", "webp", "png", "avif", "gif") for w in DEFAULT_WIDTHS[:8]]
+
+
+def test_render_misses_are_limited_per_client_address(server_env: dict[str, str], tmp_path: Path) -> None:
+    burst = 10  # refilled at 1 a minute, so that the count does not depend on how fast this machine renders
+    env = {**server_env, "IMGSVC_RENDER_RATE": "1", "IMGSVC_RENDER_BURST": str(burst),
+           "IMGSVC_SIGNING_KEYS": f"{K1[0]}:{K1[1]}"}  # fmt: skip
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        jpeg = {"Content-Type": "image/jpeg"}
+        image_id = httpx.post(f"{server.url}/images", content=FLICKR.read_bytes(), headers=jpeg).json()["id"]
+        base = f"{server.url}/img/{image_id}"
+        flooder = {"X-Forwarded-For": "203.0.113.7"}  # the peer, 127.0.0.1, is a trusted proxy by default
+        began = time.monotonic()
+        with httpx.Client(timeout=60) as http:
+            answers = [http.get(f"{base}?{query}", headers=flooder) for query in ALLOWED_VARIANTS]
+            elapsed = time.monotonic() - began
+            statuses = [answer.status_code for answer in answers]
+            assert statuses[:burst] == [200] * burst, statuses
+            assert set(statuses[burst:]) <= {200, 429} and 429 in statuses[burst:], statuses
+            assert statuses.count(200) <= burst + 1 + elapsed // 60  # at most the refill of the elapsed time
+            limited = answers[statuses.index(429)]
+            assert limited.headers["content-type"] == "application/problem+json"
+            assert limited.json()["type"] == "/problems/rate-limited"
+            assert limited.headers["cache-control"] == "no-store" and 1 <= int(limited.headers["retry-after"]) <= 60
+
+            new = f"{base}?w=640&fmt=webp"
+            assert http.get(new, headers=flooder).status_code == 429
+            assert http.get(f"{base}?{ALLOWED_VARIANTS[0]}", headers=flooder).status_code == 200  # an LRU hit
+            etag = answers[1].headers["etag"]
+            revalidated = http.get(f"{base}?{ALLOWED_VARIANTS[1]}", headers={**flooder, "If-None-Match": etag})
+            assert revalidated.status_code == 304
+            signed = RenderUrls(server.url, [K1]).url(image_id, w=300, fmt="webp")
+            assert http.get(signed, headers=flooder).status_code == 429  # a signature says what, not who
+            assert http.get(new, headers={"X-Forwarded-For": "203.0.113.8"}).status_code == 200  # another client
+            assert http.get(f"{base}?w=750&fmt=webp").status_code == 200  # the proxy's own address
+        # A peer that is not a trusted proxy is itself the client, whatever it forwards.
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as other:
+            assert other.get(f"{base}?w=828&fmt=webp", headers=flooder).status_code == 200
+    finally:
+        server.stop()
+
+
+async def test_admin_tokens_are_not_render_limited(settings: Settings, main: MainApp) -> None:
+    configured = auth_settings(settings, main, "jwks", unsigned_widths=DEFAULT_WIDTHS, render_rate=1, render_burst=2)
+    async with app_client(configured) as client:
+        writer, admin = main.token("alice", "images:read images:write"), main.token("root", "images:admin")
+        created = await upload(client, writer)
+        base = f"/img/{created.json()['id']}"
+        statuses = [(await client.get(f"{base}?w={w}")).status_code for w in (16, 32, 48)]
+        assert statuses == [200, 200, 429]
+        assert (await client.get(f"{base}?w=64", headers=bearer(writer))).status_code == 429
+        for w in (64, 96, 128, 256):
+            assert (await client.get(f"{base}?w={w}", headers=bearer(admin))).status_code == 200
+
+
+@pytest.mark.parametrize("size", [(2725, 2225), (10, 8)])
+async def test_the_image_json_urls_render_unsigned(settings: Settings, size: tuple[int, int]) -> None:
+    image = FLICKR.read_bytes() if size[0] > 10 else pyvips.Image.black(*size).jpegsave_buffer()
+    async with app_client(with_settings(settings, unsigned_widths=DEFAULT_WIDTHS)) as client:
+        created = (await client.post("/images", content=image, headers={"Content-Type": "image/jpeg"})).json()
+        presets = [url for name, url in created["urls"].items() if name not in ("self", "original")]
+        candidates = [candidate.rsplit(" ", 1) for candidate in created["srcset"].split(", ")]
+        assert len(presets) == 6 and candidates
+        for url in [*presets, *(url for url, _ in candidates)]:
+            answer = await client.get(url)
+            assert answer.status_code == 200, (url, answer.text)
+        for url, descriptor in candidates:  # each candidate is as wide as it says
+            decoded = pyvips.Image.new_from_buffer((await client.get(url)).content, "")
+            assert f"{decoded.width}w" == descriptor
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ("203.0.113.7", "203.0.113.8", False),
+        ("2001:db8:1:2::7", "2001:db8:1:2:ffff::8", True),  # one /64: usually one host or one home
+        ("2001:db8:1:2::7", "2001:db8:1:3::7", False),
+        ("::ffff:203.0.113.7", "203.0.113.7", True),
+    ],
+)
+def test_render_buckets_are_per_ipv4_address_and_per_ipv6_64(first: str, second: str, shared: bool) -> None:
+    limiter = RateLimiter(1, 2, what="render misses")
+    limiter.hit(client_key(first))
+    limiter.hit(client_key(first))
+    if shared:
+        with pytest.raises(RateLimited):
+            limiter.hit(client_key(second))
+    else:
+        limiter.hit(client_key(second))

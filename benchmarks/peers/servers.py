@@ -77,6 +77,7 @@ def start_imgsvc(tmp: Path, name: str, **env: str) -> Server:
         "IMGSVC_LOG_LEVEL": "warning",
         "IMGSVC_UNSIGNED_WIDTHS": "*",
         "IMGSVC_UPLOAD_RATE": "0",
+        "IMGSVC_RENDER_RATE": "0",
         **env,
     }
     command = [sys.executable, "-m", "imgsvc", "serve"]
