@@ -218,8 +218,8 @@ async def readyz(request: Request) -> Response:
         try:
             await check()
             checks[name] = "ok"
-        except Exception as exc:
-            checks[name] = f"failing: {type(exc).__name__}"
+        except Exception as exc:  # name what failed underneath, e.g. "failing: ConnectionRefusedError"
+            checks[name] = f"failing: {type(exc.__cause__ or exc).__name__}"
     if svc.draining:
         checks["draining"] = "yes"
     ready = all(v == "ok" for v in checks.values())
@@ -254,4 +254,3 @@ def _single_params(request: Request, allowed: set[str]) -> dict[str, str]:
             raise InvalidParameter(f"parameter {key!r} given twice", param=key)
         params[key] = value
     return params
-
