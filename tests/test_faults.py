@@ -1,6 +1,6 @@
-"""Fault injection against real processes, database section: Postgres killed (-9) under load, both the embedded
-one (imgsvc restarts it) and an external one (imgsvc must not; the test restarts it). Statuses seen, time to
-recover, nothing lost. Run with `-s` to see the measured figures."""
+"""Fault injection, database section: Postgres killed (-9) under load, embedded (imgsvc restarts it) and external
+(imgsvc must not; the test does), then a slow and an erroring one. Statuses, time to recover, nothing lost;
+run with `-s` to see the measured figures."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import httpx
+import pytest
 
+from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres
-from tests.conftest import REPO, ServerProcess
+from tests.conftest import REPO, ServerProcess, app_client, with_settings
 
 KINDS = ("upload", "render", "metadata")
 SUCCESS = {"upload": {201}, "render": {200}, "metadata": {200}}
@@ -149,9 +152,9 @@ def figures(name: str, seen: list[Seen], fault_at: float, recovered_at: float, s
     firsts = ", ".join(f"{k} {t - reference:.2f} s" for k, t in first_ok.items() if t is not None)
     line = (
         f"{name}: statuses during the fault {statuses}; last failure {max(recovered_at - reference, 0):.2f} s after "
-        f"{label} ({recovered_at - fault_at:.2f} s after the kill), first success sent after it: {firsts}; "
-        f"{len(seen)} requests"
-    )
+        f"{label}" + (f" ({recovered_at - fault_at:.2f} s after the kill), first success of each kind sent after "
+                      f"it: {firsts}" if reference != fault_at else "") + f"; {len(seen)} requests"
+    )  # fmt: skip
     print(f"\n{line}")
     return line
 
@@ -323,3 +326,43 @@ def restart_quietly(postgres: EmbeddedPostgres) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_a_slow_or_erroring_database_is_503_within_its_timeout_and_heals(
+    settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    timeout = 1.0
+    async with app_client(with_settings(settings, database_timeout=timeout)) as client:
+        created = await client.post("/images", content=unique_png(next(_seeds)), headers={"Content-Type": "image/png"})
+        image_id = created.json()["id"]
+        assert (await client.get(f"/img/{image_id}?w=64")).status_code == 200  # its record is read now
+        admin = await asyncpg.connect(database_url)
+        try:
+            # Slow: every catalog query waits on a lock held by another session.
+            async with admin.transaction():
+                await admin.execute("LOCK TABLE images IN ACCESS EXCLUSIVE MODE")
+                began = time.monotonic()
+                slow = await client.get(f"/images/{image_id}")
+                waited = time.monotonic() - began
+                upload = await client.post("/images", content=unique_png(next(_seeds)),
+                                           headers={"Content-Type": "image/png"})  # fmt: skip
+                cached = await client.get(f"/img/{image_id}?w=64")
+            print(f"\nslow database: 503 after {waited:.2f} s (IMGSVC_DATABASE_TIMEOUT={timeout:g})")
+            for answer in (slow, upload):
+                assert answer.status_code == 503 and answer.json()["type"] == "/problems/unavailable"
+                assert answer.headers["retry-after"] and answer.headers["cache-control"] == "no-store"
+            assert waited >= timeout and cached.status_code == 200
+            assert (await client.get(f"/images/{image_id}")).status_code == 200  # healed, no restart
+
+            # Erroring: the server terminates every session of this database (as an admin or a failover would).
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            statuses = [(await client.get(f"/images/{image_id}")).status_code for _ in range(3)]
+            assert set(statuses) <= {200, 503} and statuses[-1] == 200, statuses
+        finally:
+            await admin.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "imgsvc.catalog"]
+    assert "database unavailable (TimeoutError)" in messages and "database back" in messages
+    assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
