@@ -161,10 +161,12 @@ class _GuardedAcquire:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        # A connection cut mid-operation may also surface as asyncpg's InternalClientError (its protocol left in
+        # an unexpected state) or as an InterfaceError on the closed connection.
         lost = exc is not None and (
-            isinstance(exc, (*_OUTAGES, asyncpg.exceptions.InternalClientError))  # the latter: a connection cut
+            isinstance(exc, (*_OUTAGES, asyncpg.exceptions.InternalClientError))
             or (isinstance(exc, asyncpg.InterfaceError) and _closed(self.connection))
-        )  # mid-operation can leave asyncpg's protocol in a state it reports as an internal error
+        )
         try:
             await self.inner.__aexit__(exc_type, exc, tb)  # releases the connection (a broken one is replaced)
         except (*_OUTAGES, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as release_exc:
