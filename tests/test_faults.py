@@ -246,8 +246,9 @@ def test_embedded_postgres_killed_under_load_is_restarted_and_nothing_is_lost(tm
             assert "Traceback" not in log and "Exception in ASGI application" not in log
     finally:
         server.stop()
-        if postgres.alive():  # imgsvc stops its Postgres on shutdown; never leave one behind
-            os.kill(postgres.postmaster_pid() or 0, signal.SIGTERM)
+        pid = postgres.postmaster_pid()
+        if pid is not None and postgres.alive():  # imgsvc stops its Postgres on shutdown; never leave one behind
+            os.kill(pid, signal.SIGTERM)
 
 
 def test_external_postgres_killed_is_left_alone_and_service_recovers_when_it_returns(tmp_path: Path) -> None:
