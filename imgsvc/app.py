@@ -18,7 +18,7 @@ from imgsvc import endpoints, pipeline
 from imgsvc.auth import NoAuth, Verifier
 from imgsvc.catalog import Catalog
 from imgsvc.config import ConfigError, Settings
-from imgsvc.embedded import EmbeddedPostgres
+from imgsvc.embedded import EmbeddedPostgres, supervised
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
 from imgsvc.headers import error_cache_control
@@ -110,11 +110,12 @@ async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, 
     """The catalog (embedded Postgres unless a DSN is set; migrated) and the blob store: (dsn, catalog, store)."""
     async with contextlib.AsyncExitStack() as stack:
         dsn = settings.database_url
-        if dsn is None:
+        if dsn is None:  # an external database is never started, restarted or stopped by imgsvc
             embedded = EmbeddedPostgres(settings.data_dir)
             dsn = await anyio.to_thread.run_sync(embedded.start)
             stack.push_async_callback(anyio.to_thread.run_sync, embedded.stop)
-        catalog = await Catalog.connect(dsn)
+            await stack.enter_async_context(supervised(embedded))
+        catalog = await Catalog.connect(dsn, timeout=settings.database_timeout)
         stack.push_async_callback(catalog.close)
         await catalog.migrate()
         store = await open_store(settings.effective_storage_url, pool=catalog.pool, s3=s3_config(settings))
@@ -143,6 +144,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             variant_cache_bytes=settings.cache_bytes,
             original_cache_bytes=settings.originals_cache_bytes,
             decoded_cache_bytes=settings.decoded_cache_bytes,
+            record_ttl=settings.record_ttl,
         )
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()

@@ -1,4 +1,7 @@
-"""The image catalog in Postgres through asyncpg: records, keyset listing, soft delete, migrations."""
+"""The image catalog in Postgres through asyncpg: records, keyset listing, soft delete, migrations.
+
+A database that cannot be reached, times out or is shutting down is `Unavailable` (503) at the pool.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +15,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
+from types import TracebackType
 from typing import Literal
 
 import asyncpg
 
-from imgsvc.errors import InvalidParameter
+from imgsvc.errors import InvalidParameter, Unavailable
 
 log = logging.getLogger("imgsvc.catalog")
 Visibility = Literal["public", "private"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _CURSOR = re.compile(r"^[A-Za-z0-9_-]+$")
 DELETES_CHANNEL = "imgsvc_deleted"
+LOCK_WAIT_SECONDS = 120.0  # a blob's advisory lock is held while an upload stores it (bounded by the store's timeouts)
 _MIGRATION_LOCK = 0x696D6773  # advisory lock id ("imgs"): one replica migrates at a time
+_MIGRATION_TIMEOUT = 3600.0  # migrations (and waiting for another replica's) are not bound by the query timeout
+# Raised by a query when the server went away, refused, timed out or is shutting down (not by a bad query).
+_OUTAGES = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, starting up, statement timeout
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    ConnectionError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +104,105 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return position, image_id
 
 
+class Availability:
+    """Whether the database answered the last time it was used; logs one warning per change of state."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+    def down(self, exc: BaseException) -> Unavailable:
+        if self.up:
+            self.up = False
+            log.warning("database unavailable (%s)", type(exc).__name__)
+        return Unavailable("the database is unavailable; retry later")
+
+    def back(self) -> None:
+        if not self.up:
+            self.up = True
+            log.warning("database back")
+
+
+class GuardedPool(asyncpg.Pool):
+    """An asyncpg pool whose every acquire is bounded in time and turns a database outage (in the acquire or in
+    the queries run on the connection) into `Unavailable`, recorded in `availability`; other errors pass."""
+
+    def __init__(self, dsn: str, *, min_size: int, max_size: int, timeout: float) -> None:
+        super().__init__(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            max_queries=50_000,
+            max_inactive_connection_lifetime=300.0,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
+            command_timeout=timeout,  # every query, unless it passes its own
+            timeout=timeout,  # establishing a connection
+        )
+        self.availability = Availability()
+        self.acquire_timeout = timeout
+
+    def acquire(self, *, timeout: float | None = None) -> _GuardedAcquire:  # type: ignore[override]
+        return _GuardedAcquire(self, super().acquire(timeout=timeout or self.acquire_timeout))
+
+
+class _GuardedAcquire:
+    def __init__(self, pool: GuardedPool, inner: asyncpg.pool.PoolAcquireContext) -> None:
+        self.availability = pool.availability
+        self.inner = inner
+        self.connection: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            self.connection = await self.inner.__aenter__()
+        except (*_OUTAGES, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise self.availability.down(exc) from exc
+        return self.connection
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A connection cut mid-operation may also surface as asyncpg's InternalClientError (its protocol left in
+        # an unexpected state) or as an InterfaceError on the closed connection.
+        lost = exc is not None and (
+            isinstance(exc, (*_OUTAGES, asyncpg.exceptions.InternalClientError))
+            or (isinstance(exc, asyncpg.InterfaceError) and _closed(self.connection))
+        )
+        try:
+            await self.inner.__aexit__(exc_type, exc, tb)  # releases the connection (a broken one is replaced)
+        except (*_OUTAGES, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as release_exc:
+            if exc is None:
+                raise self.availability.down(release_exc) from release_exc
+        if lost:
+            assert exc is not None
+            raise self.availability.down(exc) from exc
+        self.availability.back()
+
+
+def _closed(connection: asyncpg.Connection | None) -> bool:
+    try:
+        return connection is None or connection.is_closed()
+    except asyncpg.InterfaceError:  # the pool detached it before its release: its connection was closed
+        return True
+
+
 class Catalog:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10) -> Catalog:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=30)
+    async def connect(cls, dsn: str, *, min_size: int = 0, max_size: int = 10, timeout: float = 30.0) -> Catalog:
+        """A catalog over a pool whose queries and connection waits are bounded by `timeout` seconds.
+
+        No floor of connections by default: released ones stay open for reuse anyway, and asyncpg's upkeep of a
+        floor logs a traceback per reconnect attempt while the database is down."""
+        pool = await GuardedPool(dsn, min_size=min_size, max_size=max_size, timeout=timeout)
         return cls(pool)
+
+    @property
+    def available(self) -> bool:
+        """False from a failed database operation until the next one that succeeds."""
+        return not isinstance(self.pool, GuardedPool) or self.pool.availability.up
 
     async def close(self) -> None:
         await self.pool.close()
@@ -112,8 +217,8 @@ class Catalog:
             (f for f in resources.files("imgsvc.migrations").iterdir() if f.name.endswith(".sql")),
             key=lambda f: f.name,
         )
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        async with self.pool.acquire(timeout=_MIGRATION_TIMEOUT) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK, timeout=_MIGRATION_TIMEOUT)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
@@ -124,7 +229,7 @@ class Catalog:
                 if version in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(file.read_text())
+                    await conn.execute(file.read_text(), timeout=_MIGRATION_TIMEOUT)
                     await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
                 applied.append(version)
                 log.info("applied migration %s", version)
@@ -136,7 +241,8 @@ class Catalog:
         of the same bytes never interleave. Use the yielded connection inside, so the lock never waits on
         the pool it holds a connection of."""
         async with self.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", sha256)
+            # Waiting for another upload of the same bytes (storing the blob) is no outage: its own bound.
+            await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", sha256, timeout=LOCK_WAIT_SECONDS)
             try:
                 yield conn
             finally:
@@ -209,7 +315,9 @@ class Catalog:
             record = _record(row)
             # Under the blob's lock (held by uploads of these bytes too, and by concurrent deletes of its
             # other images), so exactly the delete that takes the last live image says so.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", record.sha256)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", record.sha256, timeout=LOCK_WAIT_SECONDS
+            )
             deleted = Deleted(record, blob_orphaned=await self.live_references(conn, record.sha256) == 0)
             # Delivered to every replica's listener when this transaction commits.
             await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, deleted.notice.payload())

@@ -263,6 +263,18 @@ class Settings:
         parse=_bool,
     )
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
+    database_timeout: float = _setting(
+        5.0,
+        "Seconds a catalog query, or the wait for a database connection, may take before the request is answered "
+        "503 /problems/unavailable (migrations are not bound by it).",
+        parse=_float(0.1, 600),
+    )
+    record_ttl: float = _setting(
+        30.0,
+        "Seconds a replica trusts an image record it read (deletes evict it at once); during a database outage, "
+        "renders of images whose record was read less than this long ago are still served.",
+        parse=_float(0, 3600),
+    )
 
     unsigned_qualities: tuple[int, ...] | None = _setting(
         DEFAULT_UNSIGNED_QUALITIES,

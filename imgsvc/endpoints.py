@@ -230,8 +230,8 @@ async def readyz(request: Request) -> Response:
         try:
             await check()
             checks[name] = "ok"
-        except Exception as exc:
-            checks[name] = f"failing: {type(exc).__name__}"
+        except Exception as exc:  # name what failed underneath, e.g. "failing: ConnectionRefusedError"
+            checks[name] = f"failing: {type(exc.__cause__ or exc).__name__}"
     if svc.draining:
         checks["draining"] = "yes"
     ready = all(v == "ok" for v in checks.values())

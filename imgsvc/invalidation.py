@@ -59,7 +59,7 @@ class DeleteListener:
 
     async def _supervise(self) -> None:
         """Ping the listening connection; on failure, distrust caches and reconnect with backoff."""
-        delay = self.check_every
+        delay, failures = self.check_every, 0
         while True:
             await asyncio.sleep(delay)
             try:
@@ -71,7 +71,8 @@ class DeleteListener:
                 continue
             except Exception as exc:
                 self.on_state(False)
-                log.warning("delete listener lost (%s); reconnecting", type(exc).__name__)
+                if failures == 0:
+                    log.warning("delete listener lost (%s); reconnecting", type(exc).__name__)
             with contextlib.suppress(Exception):
                 assert self.connection is not None
                 self.connection.terminate()
@@ -79,7 +80,9 @@ class DeleteListener:
                 await self._connect()
                 self.reconnects += 1
                 log.info("delete listener reconnected")
-                delay = self.check_every
-            except Exception as exc:
-                log.warning("delete listener reconnect failed (%s)", type(exc).__name__)
+                delay, failures = self.check_every, 0
+            except Exception as exc:  # the database is down: one line per outage, not per attempt
+                failures += 1
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                log.log(level, "delete listener reconnect failed (%s); retrying", type(exc).__name__)
                 delay = min(delay * 2, 5.0)

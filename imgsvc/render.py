@@ -18,7 +18,15 @@ from imgsvc import metrics, pipeline
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
-from imgsvc.errors import BlobNotFound, Forbidden, NotFound, OriginalUnavailable, RenderTimeout, Unauthorized
+from imgsvc.errors import (
+    BlobNotFound,
+    Forbidden,
+    NotFound,
+    OriginalUnavailable,
+    RenderTimeout,
+    Unauthorized,
+    Unavailable,
+)
 from imgsvc.headers import CacheStatus, etag_matches, render_etag, variant_cache_control
 from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, accept_token, choose_output_format, varies_on_accept
@@ -113,11 +121,28 @@ class Renderer:
     async def lookup(self, image_id: str) -> ImageRecord:
         image = self.records.get(image_id) if self.records_trusted else None
         if image is None:
-            image = await self.catalog.get(image_id)
+            if not self.catalog.available and image_id in self.records:  # known down: no wait for its timeout
+                return self._outage_record(image_id)
+            try:
+                image = await self.catalog.get(image_id)
+            except Unavailable:
+                return self._outage_record(image_id)
             if image is None or image_id in self.deleted:
+                self.records.pop(image_id, None)
                 raise NotFound(f"no image {image_id!r}")
             if self.records_trusted:
                 self.records[image_id] = image
+        return image
+
+    def _outage_record(self, image_id: str) -> ImageRecord:
+        """While the database is unreachable: the record read less than `record_ttl` ago, else 503.
+
+        No delete can commit here meanwhile; one committed elsewhere whose notification never arrived (just
+        before the outage, or across a partition) is served at most until `record_ttl` after that last read.
+        """
+        image = self.records.get(image_id)
+        if image is None or image_id in self.deleted:
+            raise Unavailable("the database is unavailable and this image was not read recently; retry later")
         return image
 
     def forget(self, notice: DeleteNotice) -> None:
