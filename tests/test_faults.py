@@ -220,7 +220,12 @@ def prepare(url: str, count: int) -> list[str]:
 
 
 def test_embedded_postgres_killed_under_load_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
-    env = {"IMGSVC_DATA_DIR": str(tmp_path / "data"), "IMGSVC_WORKERS": "2", "IMGSVC_UPLOAD_RATE": "0"}
+    env = {
+        "IMGSVC_DATA_DIR": str(tmp_path / "data"),
+        "IMGSVC_WORKERS": "2",
+        "IMGSVC_UPLOAD_RATE": "0",
+        "IMGSVC_RENDER_RATE": "0",
+    }
     postgres = EmbeddedPostgres(tmp_path / "data")  # imgsvc's own, looked at from outside
     server = ServerProcess(env, tmp_path / "server.log").start(timeout=120)
     try:
@@ -261,6 +266,7 @@ def test_external_postgres_killed_is_left_alone_and_service_recovers_when_it_ret
         "IMGSVC_DATA_DIR": str(tmp_path / "data"),
         "IMGSVC_WORKERS": "2",
         "IMGSVC_UPLOAD_RATE": "0",
+        "IMGSVC_RENDER_RATE": "0",
         "IMGSVC_RECORD_TTL": str(ttl),
     }
     server = ServerProcess(env, tmp_path / "server.log").start(timeout=120)
