@@ -236,6 +236,21 @@ class Settings:
         parse=_bool,
     )
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
+    max_jpeg_scans: int = _setting(
+        100,
+        "Most scans (SOS segments) in an accepted JPEG, counted from the bytes before decoding: libjpeg reads every "
+        "scan over the whole image, so 10,000 empty scans in 400 KB cost ~16 s of CPU. Ordinary progressive JPEGs "
+        "have 6-10.",
+        parse=_int(1, 1_000_000),
+    )
+    max_png_chunks: int = _setting(
+        1000, "Most PNG chunks other than IDAT (libpng's own default cache limit).", parse=_int(1, 10_000_000)
+    )
+    max_png_text_bytes: int = _setting(
+        8_000_000,
+        "Most bytes of PNG text (tEXt, zTXt, iTXt), summed and decompressed (a zTXt bomb is stopped there).",
+        parse=_int(0),
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import pyvips
 
-from imgsvc import geometry, metrics
+from imgsvc import geometry, metrics, structure
 from imgsvc.cache import SharedByteLRU
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
 from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
@@ -76,6 +76,15 @@ class PipelineLimits:
     max_frames: int = 100
     max_output_dim: int = 8192  # a render without w/h is scaled down to fit this box
     timeout_seconds: float = 10.0  # per probe / render deadline
+    max_jpeg_scans: int = 100  # structural limits, checked from the bytes before libvips sees them
+    max_png_chunks: int = 1000
+    max_png_text_bytes: int = 8_000_000
+
+    @property
+    def structural(self) -> structure.StructureLimits:
+        return structure.StructureLimits(
+            self.max_jpeg_scans, self.max_png_chunks, self.max_png_text_bytes, self.max_frames
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +131,14 @@ class _Header:
     palette: bool
     stored_size: tuple[int, int]  # as decoded, before EXIF orientation
     pixel_bytes: int  # bands x bytes per band
+    truncated: bool  # from the structure: image data missing that the decoder may not notice
 
 
 def probe(data: bytes, limits: PipelineLimits) -> Probe:
     """Validate an upload: allowed format, header limits, and that the pixel data really decodes.
 
-    Raises UnsupportedFormat (415), ImageTooLarge / TooManyFrames / UndecodableImage (422), RenderTimeout.
+    Raises UnsupportedFormat (415), ImageTooLarge / TooManyFrames / TooComplex / UndecodableImage (422),
+    RenderTimeout.
     """
     configure_libvips()
     deadline = Deadline(limits.timeout_seconds)
@@ -139,8 +150,8 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
     # 0.25 ms; 2725x2225 JPEG 9.5 ms; 2048x1536 RGBA PNG 12 ms; 10-frame 370x285 GIF 5 ms, WebP 22 ms. A
     # 32 px thumbnail_buffer costs the same for JPEG but twice as much for PNG/GIF (it resizes too).
     try:
-        pixels = pyvips.Image.new_from_buffer(
-            data, "", access="sequential", fail_on="error", **_probe_load_options(header.probe)
+        pixels = pyvips.Image.new_from_source(
+            deadline.source(data), "", access="sequential", fail_on="error", **_probe_load_options(header.probe)
         )
         if pixels.hasalpha():
             # The same single pass also tells whether the alpha channel is used at all: libvips gives every GIF
@@ -154,10 +165,10 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
         raise _render_error(deadline, f"the {header.probe.format} pixel data is truncated or corrupt", exc) from exc
     finally:
         deadline.release()
-    # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so ask for the
-    # trailer byte that every encoder writes (GIF89a §27), tolerating NUL padding after it.
-    if header.probe.format == "gif" and not data.rstrip(b"\x00").endswith(b"\x3b"):
-        raise UndecodableImage("the gif data is truncated (no trailer)")
+    # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so the structure
+    # walk tells: data ending inside an image block is truncated; a missing trailer, as browsers agree, is not.
+    if header.truncated:
+        raise UndecodableImage(f"the {header.probe.format} data is truncated")
     return replace(header.probe, has_alpha=transparent)
 
 
@@ -194,8 +205,8 @@ def render(
         if pixels is not None:  # `size="force"`: `plan` already decided the exact size (and never enlarges)
             image = pyvips.Image.thumbnail_image(pixels, plan.resize[0], height=plan.resize[1], size="force", **profile)
         else:
-            image = pyvips.Image.thumbnail_buffer(
-                data,
+            image = pyvips.Image.thumbnail_source(
+                deadline.source(data),
                 plan.resize[0],
                 height=plan.resize[1],
                 size="force",
@@ -225,10 +236,12 @@ def render(
 
 
 def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
-    """Sniff, open the header only, and enforce the loader allow-list and the pixel and frame limits."""
+    """Sniff, check the structure, open the header only, and enforce the loader allow-list and the pixel and
+    frame limits."""
     fmt = sniff_format(data[:32])
     if fmt is None:
         raise UnsupportedFormat("the body is not a JPEG, PNG, WebP, GIF, AVIF/HEIF or TIFF image")
+    shape = structure.check(data, fmt, limits.structural)
     try:
         image = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
         loader = str(image.get("vips-loader"))
@@ -250,7 +263,7 @@ def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
         raise ImageTooLarge(
             f"{width}x{height} pixels x {frames} frame(s) exceeds the limit of {limits.max_pixels} pixels"
         )
-    return _Header(Probe(fmt, width, height, frames, has_alpha), has_icc, palette, stored, pixel_bytes)
+    return _Header(Probe(fmt, width, height, frames, has_alpha), has_icc, palette, stored, pixel_bytes, shape.truncated)
 
 
 def _cached_decode(
@@ -272,7 +285,9 @@ def _cached_decode(
     metrics.cache_total.labels("decoded", "miss" if pixels is None else "hit").inc()
     if pixels is None:
         options = {"shrink": shrink} if source.format == "jpeg" else {}
-        loaded = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error", **options)
+        loaded = pyvips.Image.new_from_source(
+            deadline.source(data), "", access="sequential", fail_on="error", **options
+        )
         pixels = deadline.watch(loaded).copy_memory()
         if deadline.expired():
             raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
@@ -285,7 +300,7 @@ def _int_field(image: pyvips.Image, name: str, default: int) -> int:
 
 
 def _load_options(*, animate: bool) -> str:
-    # thumbnail_buffer accepts `fail_on` but never hands it to the loader (libvips#5195, open in 8.18.7: a
+    # thumbnail_source accepts `fail_on` but never hands it to the loader (libvips#5195, open in 8.18.7: a
     # truncated JPEG renders half grey with no error), so it goes in the loader's option string.
     # The header was checked with n-pages <= max_frames, so loading every frame is within the limits.
     return "n=-1,fail_on=error" if animate else "fail_on=error"
