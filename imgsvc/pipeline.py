@@ -77,7 +77,7 @@ class PipelineLimits:
     max_output_dim: int = 8192  # a render without w/h is scaled down to fit this box
     timeout_seconds: float = 10.0  # per probe / render deadline
     max_jpeg_scans: int = 100  # structural limits, checked from the bytes before libvips sees them
-    max_png_chunks: int = 1000
+    max_png_chunks: int = 10_000
     max_png_text_bytes: int = 8_000_000
 
     @property

@@ -6,6 +6,7 @@ Decoder bombs are small files whose structure makes a decoder loop: JPEG scans, 
 from __future__ import annotations
 
 import re
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from imgsvc.spec import SourceFormat
 @dataclass(frozen=True, slots=True)
 class StructureLimits:
     max_jpeg_scans: int = 100
-    max_png_chunks: int = 1000  # every chunk but IDAT
+    max_png_chunks: int = 10_000
     max_png_text_bytes: int = 8_000_000  # tEXt, zTXt and iTXt, decompressed, summed
     max_frames: int = 100  # GIF image blocks and TIFF IFDs
 
@@ -27,9 +28,10 @@ class Structure:
     truncated: bool = False  # the data ends inside image data (GIF only; the other decoders detect it)
 
 
-# A marker inside or after entropy-coded data: 0xFF (and fill 0xFFs) followed by anything but a stuffed 0x00 or
-# RST0-7, found in C so that a scan costs no Python loop however many bytes it has.
-_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# A marker inside or after entropy-coded data: 0xFF followed by anything but a stuffed 0x00, RST0-7 or a fill
+# 0xFF, found in C so that a scan costs no Python loop. Measured: 1 ms for a 2.3 MB photo, 91 ms for 25 MB of
+# 0xFF00 (a literal first byte lets `re` skip ahead; `\xff+` instead made it 40x slower).
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOS, _EOI = 0xDA, 0xD9
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
 _PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
@@ -79,14 +81,12 @@ def _jpeg(data: bytes, max_scans: int) -> Structure:
 def _png(data: bytes, limits: StructureLimits) -> Structure:
     chunks, text, pos, size = 0, 0, 8, len(data)
     while pos + 8 <= size:
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind, start = data[pos + 4 : pos + 8], pos + 8
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        start = pos + 8
         pos += 12 + length
-        if kind == b"IDAT":
-            continue
         chunks += 1
         if chunks > limits.max_png_chunks:
-            raise TooComplex(f"the png has more than {limits.max_png_chunks} chunks besides its image data")
+            raise TooComplex(f"the png has more than {limits.max_png_chunks} chunks")
         if kind in _PNG_TEXT:
             body = data[start : start + length]
             text += _png_text_bytes(kind, body, limits.max_png_text_bytes - text + 1)
