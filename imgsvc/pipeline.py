@@ -300,8 +300,9 @@ def _int_field(image: pyvips.Image, name: str, default: int) -> int:
 
 
 def _load_options(*, animate: bool) -> str:
-    # thumbnail_source accepts `fail_on` but never hands it to the loader (libvips#5195, open in 8.18.7: a
-    # truncated JPEG renders half grey with no error), so it goes in the loader's option string.
+    # thumbnail_buffer accepts `fail_on` but never hands it to the loader (libvips#5195, open in 8.18.7: a
+    # truncated JPEG renders half grey with no error), so it goes in the loader's option string, which
+    # thumbnail_source takes as well.
     # The header was checked with n-pages <= max_frames, so loading every frame is within the limits.
     return "n=-1,fail_on=error" if animate else "fail_on=error"
 
