@@ -245,7 +245,7 @@ class Settings:
     )
     max_png_chunks: int = _setting(
         10_000,
-        "Most PNG chunks (25 MB written in libpng's 8 KiB IDAT chunks are ~3,100; walking 10,000 takes ~6 ms).",
+        "Most PNG chunks (25 MB written in libpng's 8 KiB IDAT chunks are ~3,100; walking 10,000 takes ~3 ms).",
         parse=_int(3, 10_000_000),
     )
     max_png_text_bytes: int = _setting(
