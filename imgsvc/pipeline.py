@@ -143,6 +143,10 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
     configure_libvips()
     deadline = Deadline(limits.timeout_seconds)
     header = _open_header(data, limits)
+    # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so the structure
+    # walk tells: data ending inside an image block is truncated; a missing trailer, as browsers agree, is not.
+    if header.truncated:
+        raise UndecodableImage(f"the {header.probe.format} data is truncated")
     # A header can be intact while the pixel data is truncated or corrupt, so decode every pixel once with
     # fail_on="error", as cheaply as the format allows: JPEG at 1/8 scale (libjpeg still reads all the
     # entropy data, which is what detects truncation), static WebP at 1/8, the rest in full (bounded by
@@ -165,10 +169,6 @@ def probe(data: bytes, limits: PipelineLimits) -> Probe:
         raise _render_error(deadline, f"the {header.probe.format} pixel data is truncated or corrupt", exc) from exc
     finally:
         deadline.release()
-    # libnsgif decodes a truncated GIF without complaint (it drops or pads the last frame), so the structure
-    # walk tells: data ending inside an image block is truncated; a missing trailer, as browsers agree, is not.
-    if header.truncated:
-        raise UndecodableImage(f"the {header.probe.format} data is truncated")
     return replace(header.probe, has_alpha=transparent)
 
 
