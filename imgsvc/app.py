@@ -54,6 +54,7 @@ def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
         max_jpeg_scans=settings.max_jpeg_scans,
         max_png_chunks=settings.max_png_chunks,
         max_png_text_bytes=settings.max_png_text_bytes,
+        isolate_pixels=settings.isolate_pixels,
     )
 
 

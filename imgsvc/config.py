@@ -253,6 +253,12 @@ class Settings:
         "Most bytes of PNG text (tEXt, zTXt, iTXt), summed and decompressed (a zTXt bomb is stopped there).",
         parse=_int(0),
     )
+    isolate_pixels: int = _setting(
+        16_000_000,
+        "WebP, AVIF and HEIF frames of more pixels are decoded in a child process killed at the deadline: their "
+        "decoders cannot be interrupted (a 16 MP frame overshoots a deadline by ~0.7 s in-process); 0 isolates all.",
+        parse=_int(0),
+    )
 
     @property
     def effective_storage_url(self) -> str:

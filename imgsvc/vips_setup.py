@@ -121,6 +121,13 @@ class Deadline:
         # still signals: keep the watched images and sources alive as long as the deadline (one render).
         self._watched: list[pyvips.Image | pyvips.SourceCustom] = []
 
+    @classmethod
+    def until(cls, expires: float) -> Deadline:
+        """A deadline at `expires` on the `time.monotonic()` clock (shared by every process of the machine)."""
+        deadline = cls(0.0)
+        deadline.expires = expires
+        return deadline
+
     def expired(self) -> bool:
         return time.monotonic() >= self.expires
 

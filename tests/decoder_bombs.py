@@ -69,3 +69,11 @@ def tiff_pages(pages: int) -> bytes:
     strip = pyvips.Image.black(4, 4 * pages).cast("uchar").copy(interpretation="b-w")
     strip.set_type(pyvips.GValue.gint_type, "page-height", 4)
     return bytes(strip.tiffsave_buffer(keep="none"))
+
+
+@functools.cache
+def slow_frame(suffix: str, size: int = 4000) -> bytes:
+    """Colour noise as lossy WebP or AVIF: one frame whose decode takes long (~0.7 s here at 16 MP)."""
+    noise = pyvips.Image.gaussnoise(size, size, sigma=40, mean=128).cast("uchar")
+    image = noise.bandjoin([noise.rot180(), noise.fliphor()]).copy(interpretation="srgb")
+    return bytes(image.write_to_buffer(suffix, effort=0, Q=30 if suffix == ".avif" else 50))

@@ -18,7 +18,7 @@ import pyvips
 from imgsvc.catalog import Catalog, ImageRecord, new_image_id
 from imgsvc.storage import blob_key, open_store
 from tests.conftest import FLICKR, PNG_ALPHA, ServerProcess
-from tests.decoder_bombs import scan_bomb
+from tests.decoder_bombs import scan_bomb, slow_frame
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -222,6 +222,39 @@ def test_deadline_holds_for_the_scan_bomb_and_frees_the_worker(server_env: dict[
                 assert elapsed < deadline + 1.0
                 assert next_render < 3.0  # a still-running decode would hold the worker for ~16 s
         print(f"\n{deadline:.0f} s deadline, 1 worker: " + "; ".join(figures))
+    finally:
+        server.stop()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_deadline_holds_for_an_avif_decoded_in_a_child(server_env: dict[str, str], tmp_path: Path) -> None:
+    """libheif decodes a frame in one call (this one: ~1.7 s here, so in-process the deadline would be overshot by
+    more than 1 s); in a child process the deadline kills it, and the worker is free."""
+    deadline = 0.3
+    env = {**server_env, "IMGSVC_RENDER_TIMEOUT": str(deadline), "IMGSVC_ISOLATE_PIXELS": "0",
+           "IMGSVC_WORKERS": "1"}  # fmt: skip
+    small, slow = encoded(base_image(), ".avif"), slow_frame(".avif", 7000)
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for _ in range(50):  # the first child starts within a few deadlines
+                if http.post("/images", content=small, headers={"Content-Type": "image/avif"}).status_code == 201:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("no child process answered an AVIF probe")
+            started = time.perf_counter()
+            response = http.post("/images", content=slow, headers={"Content-Type": "image/avif"})
+            elapsed = time.perf_counter() - started
+            assert response.status_code == 503, response.text[:300]
+            assert response.json()["type"] == "/problems/render-timeout"
+            started = time.perf_counter()
+            after = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+            next_upload = time.perf_counter() - started
+            assert after.status_code == 201  # decoded in-process, on the only worker
+        print(f"\n7000x7000 AVIF, {deadline} s deadline, in a child: 503 after {elapsed:.2f} s; "
+              f"next upload on the worker {next_upload * 1000:.0f} ms")  # fmt: skip
+        assert elapsed < deadline + 1.0
     finally:
         server.stop()
     assert "Traceback" not in (tmp_path / "server.log").read_text()

@@ -7,6 +7,7 @@ import re
 import struct
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from imgsvc.pipeline import (
     sniff_format,
 )
 from imgsvc.spec import OutputFormat, TransformSpec
-from tests.decoder_bombs import scan_bomb
+from tests.decoder_bombs import scan_bomb, slow_frame
 
 IMAGES = Path(__file__).resolve().parent / "images"  # copies of the shared benchmark corpus, with its README
 PHOTO = IMAGES / "photo-4000x3000.jpg"
@@ -645,3 +646,40 @@ def test_jpeg_with_trailing_garbage_is_accepted_and_the_output_is_clean(progress
         assert garbage[:16] not in out
     with pytest.raises(errors.UndecodableImage):
         probe(clean[: len(clean) // 2], LIMITS)
+
+
+# --- decoders that no callback interrupts, in a killable child process --------------------------------------------
+
+
+ISOLATE_ALL = PipelineLimits(isolate_pixels=0)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".avif"])
+def test_isolated_decodes_answer_like_in_process_ones(suffix: str) -> None:
+    data = bytes(_quadrants(400, 300).write_to_buffer(suffix))
+    assert probe(data, ISOLATE_ALL) == probe(data, LIMITS)
+    for fmt in ("jpeg", "webp"):
+        isolated = _render(data, fmt, ISOLATE_ALL, width=200, blur=1.0)  # type: ignore[arg-type]
+        local = _render(data, fmt, LIMITS, width=200, blur=1.0)  # type: ignore[arg-type]
+        assert replace(isolated, pixel_seconds=0, encode_seconds=0) == replace(local, pixel_seconds=0, encode_seconds=0)
+    cut = bytes(_quadrants(400, 300).webpsave_buffer())
+    with pytest.raises(errors.UndecodableImage):  # raised in the child, same problem in the parent
+        probe(cut[: len(cut) * 3 // 4], ISOLATE_ALL)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".avif"])
+def test_deadline_kills_an_isolated_decode_and_the_next_one_runs(suffix: str) -> None:
+    data, small = slow_frame(suffix), bytes(_quadrants(64, 48).write_to_buffer(suffix))
+    assert _render(small, "jpeg", ISOLATE_ALL, width=32).width == 32  # a child is ready
+    figures = {}
+    for name, isolate in [("in-process", 10**9), ("child", 0)]:
+        limits = PipelineLimits(timeout_seconds=0.1, isolate_pixels=isolate)
+        started = time.perf_counter()
+        with pytest.raises(errors.RenderTimeout):
+            render(data, TransformSpec(width=256), "jpeg", limits)
+        figures[name] = time.perf_counter() - started
+    print(f"\n{suffix} 4000x4000 noise, 0.1 s deadline: RenderTimeout after {figures['child']:.2f} s in a child, "
+          f"{figures['in-process']:.2f} s in-process")  # fmt: skip
+    assert figures["child"] < 0.1 + 1.0
+    assert figures["child"] < figures["in-process"]  # in-process, the decode runs to its end whatever the deadline
+    assert _render(small, "jpeg", ISOLATE_ALL, width=32).width == 32  # a new child replaced the killed one
