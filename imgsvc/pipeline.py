@@ -1,6 +1,6 @@
 """pyvips: `probe(bytes)` validates an original, `render(bytes, spec, fmt)` makes one variant.
 
-Synchronous, for worker threads; the only state is the optional shared cache of decoded sources.
+Synchronous, for worker threads; state: the optional shared cache of decoded sources, child decode processes.
 `configure_libvips()` (imgsvc.vips_setup) runs first, once.
 """
 
@@ -68,6 +68,7 @@ _DECODE_CACHED_SOURCES: frozenset[SourceFormat] = frozenset({"jpeg", "png"})
 _BAND_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4, "double": 8}
 
 _ANIMATED_SOURCES: frozenset[SourceFormat] = frozenset({"gif", "webp"})
+_ANIMATED_OUTPUTS: frozenset[OutputFormat] = frozenset({"gif", "webp"})
 
 # libwebp (a lossy frame) and libheif decode a whole frame in one call after reading all of it, which neither
 # the eval callback nor a refused read interrupts. Measured here, 0.05 s deadline, noise images: 16 MP answered
@@ -76,7 +77,6 @@ _ANIMATED_SOURCES: frozenset[SourceFormat] = frozenset({"gif", "webp"})
 _ISOLATED_SOURCES: frozenset[SourceFormat] = frozenset({"webp", "avif", "heif"})
 _decoders = isolation.KillablePool()
 T = TypeVar("T")
-_ANIMATED_OUTPUTS: frozenset[OutputFormat] = frozenset({"gif", "webp"})
 
 
 @dataclass(frozen=True, slots=True)
