@@ -52,6 +52,10 @@ def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
         max_frames=settings.max_frames,
         timeout_seconds=settings.render_timeout,
         max_output_dim=settings.max_output_dim,
+        max_jpeg_scans=settings.max_jpeg_scans,
+        max_png_chunks=settings.max_png_chunks,
+        max_png_text_bytes=settings.max_png_text_bytes,
+        isolate_pixels=settings.isolate_pixels,
     )
 
 

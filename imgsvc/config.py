@@ -309,6 +309,29 @@ class Settings:
         "Render misses one client address may make at once before IMGSVC_RENDER_RATE applies.",
         parse=_int(1, 1_000_000),
     )
+    max_jpeg_scans: int = _setting(
+        100,
+        "Most scans (SOS segments) in an accepted JPEG, counted from the bytes before decoding: libjpeg reads every "
+        "scan over the whole image, so 10,000 empty scans in 474 KB cost ~16 s of CPU. Ordinary progressive JPEGs "
+        "have 6-10; libtiff stops a JPEG inside a TIFF at 100 scans too.",
+        parse=_int(1, 1_000_000),
+    )
+    max_png_chunks: int = _setting(
+        10_000,
+        "Most PNG chunks (25 MB written in libpng's 8 KiB IDAT chunks are ~3,100; walking 10,000 takes ~3 ms).",
+        parse=_int(3, 10_000_000),
+    )
+    max_png_text_bytes: int = _setting(
+        8_000_000,
+        "Most bytes of PNG text (tEXt, zTXt, iTXt), summed and decompressed (a zTXt bomb is stopped there).",
+        parse=_int(0),
+    )
+    isolate_pixels: int = _setting(
+        16_000_000,
+        "WebP, AVIF and HEIF frames of more pixels are decoded in a child process killed at the deadline: their "
+        "decoders cannot be interrupted (a 16 MP frame overshoots a deadline by ~0.7 s in-process); 0 isolates all.",
+        parse=_int(0),
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -83,6 +83,12 @@ class TooManyFrames(ImgsvcError):
     status, slug, title = 422, "too-many-frames", "Image has too many frames"
 
 
+class TooComplex(ImgsvcError):
+    """A structural limit (JPEG scans, PNG chunks or text) is exceeded: refused before any decoding."""
+
+    status, slug, title = 422, "too-complex", "Image structure exceeds a limit"
+
+
 class RateLimited(ImgsvcError):
     status, slug, title = 429, "rate-limited", "Too many requests"
 

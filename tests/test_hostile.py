@@ -3,14 +3,22 @@ ready and every image accepted earlier still renders."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import struct
+import time
 import zlib
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pyvips
 
+from imgsvc.catalog import Catalog, ImageRecord, new_image_id
+from imgsvc.storage import blob_key, open_store
 from tests.conftest import FLICKR, PNG_ALPHA, ServerProcess
+from tests.decoder_bombs import scan_bomb, slow_frame
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -64,6 +72,8 @@ UPLOADS: list[tuple[str, Callable[[], bytes], str, int]] = [
     ("truncated jpeg", lambda: JPEG[: len(JPEG) // 3], "image/jpeg", 422),
     ("truncated png", lambda: PNG[: len(PNG) // 2], "image/png", 422),
     ("truncated gif", lambda: GIF[:-10], "image/gif", 422),
+    ("gif without its trailer", lambda: GIF[:-1], "image/gif", 201),
+    ("10,000-scan progressive jpeg", scan_bomb, "image/jpeg", 422),
     ("truncated webp", lambda: WEBP[: len(WEBP) // 2], "image/webp", 422),
     ("truncated avif", lambda: AVIF[: len(AVIF) // 2], "image/avif", 422),
     # libjpeg only warns about damaged entropy data and browsers show such files: accepted, re-encoded clean
@@ -78,8 +88,8 @@ UPLOADS: list[tuple[str, Callable[[], bytes], str, int]] = [
     ("text content type", lambda: JPEG, "text/html", 415),
     ("5000-frame gif", lambda: many_frame_gif(5000), "image/gif", 422),
     ("jpeg + zip polyglot", lambda: JPEG + b"PK\x03\x04" + bytes(1000), "image/jpeg", 201),
-    # a GIF must end with its trailer byte (how truncation is caught), so trailing HTML is refused
-    ("gif + html polyglot", lambda: GIF + b"<script>alert(1)</script>", "image/gif", 422),
+    # like the JPEG: every frame is complete, the trailing bytes are never decoded nor rendered
+    ("gif + html polyglot", lambda: GIF + b"<script>alert(1)</script>", "image/gif", 201),
     ("png sent as image/jpeg (lying type)", lambda: PNG, "image/jpeg", 201),  # the bytes decide
     ("huge exif", huge_exif_jpeg, "image/jpeg", 201),
     ("cmyk jpeg", cmyk_jpeg, "image/jpeg", 201),
@@ -145,3 +155,106 @@ def test_hostile_uploads_and_requests_get_exact_answers_and_break_nothing(server
             assert response.status_code == status, (name, response.status_code, response.text[:300])
             still_healthy(name)
     assert "Traceback" not in server.log_path.read_text()
+
+
+def test_scan_bomb_upload_is_refused_before_decoding(server: ServerProcess) -> None:
+    bomb = scan_bomb()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        http.get("/readyz")  # a warm connection: the timing is the upload's alone
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            response = http.post("/images", content=bomb, headers={"Content-Type": "image/jpeg"})
+            timings.append(time.perf_counter() - started)
+            assert response.status_code == 422, response.text[:300]
+            assert response.json()["type"] == "/problems/too-complex"
+    print(f"\n10,000-scan JPEG upload ({len(bomb):,} bytes) answered 422 in {sorted(timings)[2] * 1000:.1f} ms "
+          f"(median of 5; max {max(timings) * 1000:.1f} ms)")  # fmt: skip
+    assert sorted(timings)[2] < 1.0  # measured ~10 ms here; decoding it took ~16 s of CPU before
+
+
+async def _store_directly(database_url: str, blobs: Path, data: bytes) -> str:
+    """Record an original as an earlier version (or a higher scan limit) would have accepted it."""
+    catalog = await Catalog.connect(database_url)
+    try:
+        sha256 = hashlib.sha256(data).hexdigest()
+        await (await open_store(f"file://{blobs}")).put(blob_key(sha256), data)
+        record = ImageRecord(
+            id=new_image_id(), sha256=sha256, owner="earlier-uploader", category="default", visibility="public",
+            format="jpeg", width=4096, height=4096, bytes=len(data), frames=1, has_alpha=False,
+            original_filename=None, created_at=datetime.now(UTC),
+        )  # fmt: skip
+        stored, _ = await catalog.insert_or_existing(record)
+        return stored.id
+    finally:
+        await catalog.close()
+
+
+def test_deadline_holds_for_the_scan_bomb_and_frees_the_worker(server_env: dict[str, str], tmp_path: Path) -> None:
+    """With the scan limit above the bomb, probe and render stop at the deadline, and the one worker is free."""
+    deadline = 1.0
+    env = {**server_env, "IMGSVC_MAX_JPEG_SCANS": "20000", "IMGSVC_RENDER_TIMEOUT": str(deadline),
+           "IMGSVC_WORKERS": "1", "IMGSVC_DECODED_CACHE_BYTES": "0"}  # fmt: skip
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            good = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+            assert good.status_code == 201
+            bomb_id = asyncio.run(_store_directly(env["IMGSVC_DATABASE_URL"], tmp_path / "blobs", scan_bomb()))
+            figures = []
+            for name, request, width in [
+                ("upload", lambda: http.post("/images", content=scan_bomb(), headers={"Content-Type": "image/jpeg"}),
+                 384),
+                ("render", lambda: http.get(f"/img/{bomb_id}", params={"w": "256"}), 640),
+            ]:  # fmt: skip
+                started = time.perf_counter()
+                response = request()
+                elapsed = time.perf_counter() - started
+                assert response.status_code == 503, (name, response.text[:300])
+                assert response.json()["type"] == "/problems/render-timeout"
+                assert "retry-after" in response.headers
+                # The next render (a miss) on the only worker starts at once: the bomb's decode really stopped.
+                started = time.perf_counter()
+                after = http.get(f"/img/{good.json()['id']}", params={"w": str(width)})
+                next_render = time.perf_counter() - started
+                assert after.status_code == 200 and after.headers["x-cache"] == "miss"
+                figures.append(f"{name} 503 after {elapsed:.2f} s, next render {next_render * 1000:.0f} ms")
+                assert elapsed < deadline + 1.0
+                assert next_render < 3.0  # a still-running decode would hold the worker for ~16 s
+        print(f"\n{deadline:.0f} s deadline, 1 worker: " + "; ".join(figures))
+    finally:
+        server.stop()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_deadline_holds_for_an_avif_decoded_in_a_child(server_env: dict[str, str], tmp_path: Path) -> None:
+    """libheif decodes a frame in one call (this one: ~1.7 s here, so in-process the deadline would be overshot by
+    more than 1 s); in a child process the deadline kills it, and the worker is free."""
+    deadline = 0.3
+    env = {**server_env, "IMGSVC_RENDER_TIMEOUT": str(deadline), "IMGSVC_ISOLATE_PIXELS": "0",
+           "IMGSVC_WORKERS": "1"}  # fmt: skip
+    small, slow = encoded(base_image(), ".avif"), slow_frame(".avif", 7000)
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for _ in range(50):  # the first child starts within a few deadlines
+                if http.post("/images", content=small, headers={"Content-Type": "image/avif"}).status_code == 201:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("no child process answered an AVIF probe")
+            started = time.perf_counter()
+            response = http.post("/images", content=slow, headers={"Content-Type": "image/avif"})
+            elapsed = time.perf_counter() - started
+            assert response.status_code == 503, response.text[:300]
+            assert response.json()["type"] == "/problems/render-timeout"
+            started = time.perf_counter()
+            after = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+            next_upload = time.perf_counter() - started
+            assert after.status_code == 201  # decoded in-process, on the only worker
+        print(f"\n7000x7000 AVIF, {deadline} s deadline, in a child: 503 after {elapsed:.2f} s; "
+              f"next upload on the worker {next_upload * 1000:.0f} ms")  # fmt: skip
+        assert elapsed < deadline + 1.0
+    finally:
+        server.stop()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

@@ -10,6 +10,7 @@ from tests.conftest import REPO
 LAYERS = [
     {"errors", "config", "metrics", "logs"},
     {"spec"},
+    {"structure", "isolation"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations", "geometry"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
     {"auth", "upload", "gc"},

@@ -5,25 +5,31 @@ from __future__ import annotations
 import functools
 import re
 import struct
+import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import pyvips
 
 from imgsvc import errors
+from imgsvc.cache import SharedByteLRU
 from imgsvc.headers import MEDIA_TYPES
 from imgsvc.pipeline import (
     PIPELINE_VERSION,
+    DecodedSource,
     PipelineLimits,
     Probe,
     Rendered,
     configure_libvips,
+    decoded_bytes,
     probe,
     render,
     sniff_format,
 )
 from imgsvc.spec import OutputFormat, TransformSpec
+from tests.decoder_bombs import scan_bomb, slow_frame
 
 IMAGES = Path(__file__).resolve().parent / "images"  # copies of the shared benchmark corpus, with its README
 PHOTO = IMAGES / "photo-4000x3000.jpg"
@@ -582,3 +588,98 @@ def test_deadline_interrupts_a_running_evaluation() -> None:
 def test_deadline_applies_to_probe() -> None:
     with pytest.raises(errors.RenderTimeout):
         probe(_read(PHOTO), PipelineLimits(timeout_seconds=0.0001))
+
+
+# --- decoder bombs, and leniency where browsers are lenient ------------------------------------------------------
+
+
+def test_scan_bomb_is_refused_before_decoding() -> None:
+    for attempt in (lambda: probe(scan_bomb(), LIMITS), lambda: _render(scan_bomb(), width=64)):
+        started = time.perf_counter()
+        with pytest.raises(errors.TooComplex):
+            attempt()
+        assert time.perf_counter() - started < 1.0  # ~2 ms; decoding it costs ~16 s of CPU
+
+
+@pytest.mark.parametrize("step", ["probe", "render", "cached decode"])
+def test_deadline_holds_while_libjpeg_consumes_scans(step: str) -> None:
+    # libjpeg consumes every scan inside one call that never reaches libvips' eval callback; the decode reads its
+    # input through the deadline's source, which stops feeding it once the deadline has passed.
+    limits = PipelineLimits(max_jpeg_scans=20_000, timeout_seconds=1.0)
+    cache: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(256 << 20, decoded_bytes)
+    started = time.perf_counter()
+    with pytest.raises(errors.RenderTimeout):
+        if step == "probe":
+            probe(scan_bomb(), limits)
+        else:
+            decoded = DecodedSource(cache, "bomb") if step == "cached decode" else None
+            render(scan_bomb(), TransformSpec(width=256), "jpeg", limits, decoded)
+    elapsed = time.perf_counter() - started
+    print(f"\n{step} of the 10,000-scan bomb, 1 s deadline: RenderTimeout after {elapsed:.2f} s")
+    assert elapsed < limits.timeout_seconds + 1.0
+    assert len(cache) == 0
+
+
+def _without_trailer(data: bytes) -> bytes:
+    assert data.endswith(b"\x3b")
+    return data[:-1]
+
+
+@pytest.mark.parametrize("path", [ANIMATED_GIF])
+def test_gif_without_trailer_is_accepted_and_renders_like_the_whole_file(path: Path) -> None:
+    whole, cut = _read(path), _without_trailer(_read(path))
+    assert probe(cut, LIMITS) == probe(whole, LIMITS)
+    assert _render(cut, "gif", width=100).data == _render(whole, "gif", width=100).data
+    with pytest.raises(errors.UndecodableImage):
+        probe(cut[:-1], LIMITS)  # the last frame's data is cut: truly truncated
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("garbage", [b"trailing-garbage" * 100, b"\xff\xd8\xff\xda\x00\x08" + bytes(5000)])
+def test_jpeg_with_trailing_garbage_is_accepted_and_the_output_is_clean(progressive: bool, garbage: bytes) -> None:
+    clean = bytes(pyvips.Image.new_from_file(str(SHARP_JPEG), shrink=4).jpegsave_buffer(interlace=progressive))
+    data = clean + garbage
+    assert probe(data, LIMITS) == probe(clean, LIMITS)
+    for fmt in ("jpeg", "png", "webp"):
+        out = _render(data, fmt, width=200).data  # type: ignore[arg-type]
+        assert out == _render(clean, fmt, width=200).data  # type: ignore[arg-type]
+        assert garbage[:16] not in out
+    with pytest.raises(errors.UndecodableImage):
+        probe(clean[: len(clean) // 2], LIMITS)
+
+
+# --- decoders that no callback interrupts, in a killable child process --------------------------------------------
+
+
+ISOLATE_ALL = PipelineLimits(isolate_pixels=0)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".avif"])
+def test_isolated_decodes_answer_like_in_process_ones(suffix: str) -> None:
+    data = bytes(_quadrants(400, 300).write_to_buffer(suffix))
+    assert probe(data, ISOLATE_ALL) == probe(data, LIMITS)
+    for fmt in ("jpeg", "webp"):
+        isolated = _render(data, fmt, ISOLATE_ALL, width=200, blur=1.0)  # type: ignore[arg-type]
+        local = _render(data, fmt, LIMITS, width=200, blur=1.0)  # type: ignore[arg-type]
+        assert replace(isolated, pixel_seconds=0, encode_seconds=0) == replace(local, pixel_seconds=0, encode_seconds=0)
+    cut = bytes(_quadrants(400, 300).webpsave_buffer())
+    with pytest.raises(errors.UndecodableImage):  # raised in the child, same problem in the parent
+        probe(cut[: len(cut) * 3 // 4], ISOLATE_ALL)
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".avif"])
+def test_deadline_kills_an_isolated_decode_and_the_next_one_runs(suffix: str) -> None:
+    data, small = slow_frame(suffix), bytes(_quadrants(64, 48).write_to_buffer(suffix))
+    assert _render(small, "jpeg", ISOLATE_ALL, width=32).width == 32  # a child is ready
+    figures = {}
+    for name, isolate in [("in-process", 10**9), ("child", 0)]:
+        limits = PipelineLimits(timeout_seconds=0.1, isolate_pixels=isolate)
+        started = time.perf_counter()
+        with pytest.raises(errors.RenderTimeout):
+            render(data, TransformSpec(width=256), "jpeg", limits)
+        figures[name] = time.perf_counter() - started
+    print(f"\n{suffix} 4000x4000 noise, 0.1 s deadline: RenderTimeout after {figures['child']:.2f} s in a child, "
+          f"{figures['in-process']:.2f} s in-process")  # fmt: skip
+    assert figures["child"] < 0.1 + 1.0
+    assert figures["child"] < figures["in-process"]  # in-process, the decode runs to its end whatever the deadline
+    assert _render(small, "jpeg", ISOLATE_ALL, width=32).width == 32  # a new child replaced the killed one
