@@ -184,7 +184,7 @@ async def _store_directly(database_url: str, blobs: Path, data: bytes) -> str:
             format="jpeg", width=4096, height=4096, bytes=len(data), frames=1, has_alpha=False,
             original_filename=None, created_at=datetime.now(UTC),
         )  # fmt: skip
-        stored, _ = await catalog.insert_or_existing(record)
+        stored = await catalog.insert(record)
         return stored.id
     finally:
         await catalog.close()
