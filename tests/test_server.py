@@ -109,7 +109,7 @@ def test_sigterm_drains_then_stops_without_losing_in_flight_work(server_env: dic
     import threading
     import time
 
-    server = ServerProcess({**server_env, "IMGSVC_DRAIN_SECONDS": "1.5"}, tmp_path / "drain.log").start()
+    server = ServerProcess({**server_env, "IMGSVC_DRAIN_SECONDS": "5"}, tmp_path / "drain.log").start()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(server.stop)
         http = cleanup.enter_context(httpx.Client(base_url=server.url, timeout=30))
@@ -121,8 +121,11 @@ def test_sigterm_drains_then_stops_without_losing_in_flight_work(server_env: dic
         time.sleep(0.2)
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        signalled = time.monotonic()
         draining = http.get("/readyz")
+        while draining.status_code == 200 and time.monotonic() - signalled < 4:  # within the 5 s drain
+            time.sleep(0.02)  # the signal is handled asynchronously
+            draining = http.get("/readyz")
         assert draining.status_code == 503 and draining.json()["checks"]["draining"] == "yes"
         assert http.get("/livez").status_code == 200  # still alive and serving during the drain
         slow.join(60)
