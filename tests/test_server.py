@@ -10,12 +10,15 @@ import json
 import re
 import socket
 import statistics
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import pyvips
 
+from imgsvc.errors import RequestTimeout
+from imgsvc.upload import read_body
 from tests.conftest import FLICKR, IMAGES, PHOTO, ServerProcess
 
 
@@ -223,6 +226,37 @@ async def trickle(port: int, head: bytes, drip: bytes, every: float, limit: floa
         return loop.time() - began, answer
 
 
+async def paced(*steps: bytes | float) -> AsyncIterator[bytes]:
+    """A body as a client sends it: bytes, and pauses (seconds) between them."""
+    for step in steps:
+        if isinstance(step, float):
+            await asyncio.sleep(step)
+        else:
+            yield step
+
+
+@pytest.mark.parametrize(
+    ("steps", "min_rate", "refused"),
+    [
+        ((b"x" * 100_000,), 1000, None),  # all at once
+        ((b"x" * 100, *(0.05, b"x" * 10) * 30), 1000, "bytes/s are required"),  # 200 bytes/s, never idle
+        ((b"x" * 5000, 30.0, b"x"), 1000, "bytes/s are required"),  # a full first window, then silence
+        ((b"x" * 10, 0.3, b"x", 30.0, b"x"), 0, "no upload data arrived for 1 s"),  # no rate check: idle only
+    ],
+)
+async def test_an_upload_body_keeps_a_minimum_rate(steps: tuple[bytes | float, ...], min_rate: int,
+                                                   refused: str | None) -> None:  # fmt: skip
+    """Each window of 0.3 s must bring min_rate × 0.3 bytes (idle timeout 1 s); a busy machine only makes a refusal
+    more certain, never a pass."""
+    reading = read_body("image/jpeg", None, paced(*steps), 1_000_000, 1.0, min_rate=min_rate, rate_window=0.3)
+    if refused is None:
+        assert len((await reading).data) == sum(len(s) for s in steps if isinstance(s, bytes))
+        return
+    with pytest.raises(RequestTimeout) as caught:
+        await reading
+    assert refused in caught.value.detail and caught.value.headers == {"Connection": "close"}
+
+
 GET = b"GET /livez HTTP/1.1\r\nHost: x\r\n"
 POST = b"POST /images HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
 ATTACKS = {  # name: (connections, sent at once, then dripped, every (s), statuses answered, documented cut (s))
@@ -274,6 +308,9 @@ def test_open_connections_are_bounded(server_env: dict[str, str], tmp_path: Path
     """Past IMGSVC_MAX_CONNECTIONS a new connection gets 503 at once and is closed; freed slots serve again."""
     env = {**server_env, "IMGSVC_MAX_CONNECTIONS": "20", "IMGSVC_HEADER_TIMEOUT": "120"}  # held until closed here
     server = ServerProcess(env, tmp_path / "server.log").start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # once the server has closed
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # this one, it has also
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 200")  # seen the readiness probes' closes
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(20)]
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as extra:
