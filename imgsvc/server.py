@@ -162,14 +162,18 @@ def guarded_protocol(limits: ClientLimits) -> type[GuardedHttpProtocol]:
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
 
 
-def ensure_fd_limit(max_connections: int) -> int:
-    """Raise the soft RLIMIT_NOFILE (up to the hard one) so that max_connections fit with a reserve; the limit."""
+def fit_connections(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE (up to the hard one) so that max_connections fit with FD_RESERVE to spare;
+    the number of connections that fit (fewer, with a warning, when the hard limit is too low)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = max_connections + FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("IMGSVC_MAX_CONNECTIONS=%d needs %d file descriptors; the hard limit allows %d",
-                    max_connections, needed, soft)  # fmt: skip
-    return soft
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < needed:
+        fitting = max(1, soft - FD_RESERVE)
+        log.warning("IMGSVC_MAX_CONNECTIONS=%d needs %d file descriptors, the hard limit is %d: "
+                    "serving at most %d connections", max_connections, needed, soft, fitting)  # fmt: skip
+        return fitting
+    return max_connections

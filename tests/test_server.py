@@ -337,3 +337,18 @@ def test_open_connections_are_bounded(server_env: dict[str, str], tmp_path: Path
             sock.close()
         server.stop()
     assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize(("hard", "fitted"), [(4096, "1000 1256"), (600, "344 600")])
+def test_connections_fit_the_file_descriptor_limit(hard: int, fitted: str) -> None:
+    """`serve` raises a low soft limit to fit IMGSVC_MAX_CONNECTIONS + 256; under a lower hard limit it serves as
+    many connections as fit and says so."""
+    import subprocess
+    import sys
+
+    code = ("import logging, resource; logging.basicConfig(); "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, (300, {hard})); from imgsvc.server import fit_connections; "
+            "print(fit_connections(1000), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert run.stdout.strip() == fitted, run
+    assert ("serving at most 344 connections" in run.stderr) == (hard == 600), run.stderr
