@@ -78,6 +78,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     headers, a bound on open connections, and a bounded linger after a response that did not wait for its body."""
 
     limits: ClassVar[ClientLimits] = ClientLimits()
+    refusing: ClassVar[bool] = False  # at the connection limit: logged once per change, not per connection
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,8 +88,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         full = len(self.connections) >= self.limits.max_connections
         super().connection_made(transport)
+        limit = self.limits.max_connections
+        if full != type(self).refusing:
+            type(self).refusing = full
+            if full:
+                log.warning("%d connections open, the limit: new ones are answered 503 and closed", limit)
+            else:
+                log.info("below the limit of %d open connections again", limit)
         if full:
-            limit = self.limits.max_connections
             error = Overloaded(f"the server holds its limit of {limit} open connections; retry shortly")
             self._refuse(error, "Too many open connections", retry_after=1)
         else:
@@ -137,8 +144,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False  # a pipelined request is late: finish the current answer, then close
             return
         timeout = self.limits.header_timeout
-        self._refuse(RequestTimeout(f"the request headers were not complete after {timeout:g} s"),
-                     "Request headers incomplete")  # fmt: skip
+        error = RequestTimeout(f"the request headers were not complete after {timeout:g} s")
+        log.info("408 to %s: %s", self.client, error.detail)  # no request, hence no access-log line
+        self._refuse(error, "Request headers incomplete")
 
     def _refuse(self, error: ImgsvcError, title: str, retry_after: int | None = None) -> None:
         """Answer without the application (no request was parsed) and close."""
@@ -154,7 +162,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
-        log.debug("closed a connection from %s: %s", self.client, error.detail)
 
 
 def guarded_protocol(limits: ClientLimits) -> type[GuardedHttpProtocol]:

@@ -302,6 +302,8 @@ async def test_slow_headers_and_slow_bodies_are_cut_within_their_bounds(server_e
             if statuses[-1] == 408:
                 assert b"/problems/request-timeout" in answer and b"connection: close" in answer.lower(), answer
     assert served and set(served) == {200}, served
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and log.count("the request headers were not complete") == 30 + 5 + 2
 
 
 def test_open_connections_are_bounded(server_env: dict[str, str], tmp_path: Path) -> None:
@@ -336,7 +338,9 @@ def test_open_connections_are_bounded(server_env: dict[str, str], tmp_path: Path
         for sock in held:
             sock.close()
         server.stop()
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+    assert log.count("new ones are answered 503") == 1 and "below the limit of 20 open connections again" in log
 
 
 @pytest.mark.parametrize(("hard", "fitted"), [(4096, "1000 1256"), (600, "344 600")])
