@@ -172,9 +172,10 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from imgsvc.app import create_app
-    from imgsvc.server import DrainingServer, tune_malloc
+    from imgsvc.server import ClientLimits, DrainingServer, fit_connections, guarded_protocol, tune_malloc
 
     tune_malloc()
+    max_connections = fit_connections(settings.max_connections)
     print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
     app = create_app(settings)
     config = uvicorn.Config(
@@ -188,6 +189,8 @@ def serve(settings: Settings) -> int:
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=settings.shutdown_timeout,
+        http=guarded_protocol(ClientLimits(settings.header_timeout, max_connections)),
+        backlog=settings.backlog,
     )
     DrainingServer(config, app, settings.drain_seconds).run()
     return 0

@@ -332,6 +332,32 @@ class Settings:
         "decoders cannot be interrupted (a 16 MP frame overshoots a deadline by ~0.7 s in-process); 0 isolates all.",
         parse=_int(0),
     )
+    header_timeout: float = _setting(
+        10.0,
+        "Seconds a client has to send a request's complete headers, counted from the connection's start or the "
+        "request's first byte; then 408 and the connection is closed.",
+        parse=_float(0.5, 600),
+    )
+    body_min_rate: int = _setting(
+        1024,
+        "Least upload rate in bytes per second, averaged over each IMGSVC_BODY_RATE_WINDOW; a slower body gets "
+        "408. 0 leaves only IMGSVC_UPLOAD_IDLE_TIMEOUT.",
+        parse=_int(0, 1_000_000_000),
+    )
+    body_rate_window: float = _setting(
+        10.0, "Seconds over which IMGSVC_BODY_MIN_RATE is averaged.", parse=_float(0.5, 600)
+    )
+    max_connections: int = _setting(
+        1000,
+        "Most open client connections; one more is answered 503 and closed at once, so that clients cannot "
+        "exhaust file descriptors.",
+        parse=_int(1, 1_000_000),
+    )
+    backlog: int = _setting(
+        2048,
+        "Listen backlog: connections the kernel queues before imgsvc accepts them (capped by net.core.somaxconn).",
+        parse=_int(1, 65_535),
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -93,6 +93,8 @@ async def _upload(request: Request) -> Response:
             request.stream(),
             svc.settings.max_upload_bytes,
             svc.settings.upload_idle_timeout,
+            min_rate=svc.settings.body_min_rate,
+            rate_window=svc.settings.body_rate_window,
         )
     except ClientDisconnect:
         raise BadRequest("the upload was aborted before the body was complete") from None

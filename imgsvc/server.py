@@ -1,20 +1,30 @@
-"""uvicorn with a drain: on SIGTERM `/readyz` turns 503 at once, requests keep being served for
-`drain_seconds` (so load balancers stop sending new ones), then uvicorn shuts down gracefully."""
+"""uvicorn as imgsvc runs it: slow clients cut (header deadline, bounded connections, no lingering bodies),
+and a drain: on SIGTERM `/readyz` turns 503 at once, requests keep being served for `drain_seconds`, then
+uvicorn shuts down gracefully."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
+import resource
 import sys
 import threading
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any, ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from imgsvc.errors import ImgsvcError, Overloaded, RequestTimeout
 
 log = logging.getLogger("imgsvc.server")
+FD_RESERVE = 256  # descriptors kept for everything but client connections: database pool, blobs, logs, libvips
 _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # glibc's mallopt parameters
 
 
@@ -54,3 +64,123 @@ class DrainingServer(uvicorn.Server):
         timer = threading.Timer(self.drain_seconds, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    header_timeout: float = 10.0
+    max_connections: int = 1000
+    linger: float = 5.0  # after a response sent before its request body ended, keep discarding it this long
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus what it lacks against slow clients: a deadline for each request's
+    headers, a bound on open connections, and a bounded linger after a response that did not wait for its body."""
+
+    limits: ClassVar[ClientLimits] = ClientLimits()
+    refusing: ClassVar[bool] = False  # at the connection limit: logged once per change, not per connection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        full = len(self.connections) >= self.limits.max_connections
+        super().connection_made(transport)
+        limit = self.limits.max_connections
+        if full != type(self).refusing:
+            type(self).refusing = full
+            if full:
+                log.warning("%d connections open, the limit: new ones are answered 503 and closed", limit)
+            else:
+                log.info("below the limit of %d open connections again", limit)
+        if full:
+            error = Overloaded(f"the server holds its limit of {limit} open connections; retry shortly")
+            self._refuse(error, "Too many open connections", retry_after=1)
+        else:
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._header_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._unset_keepalive_if_required()  # armed when an early-answered body ended in this same read
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._linger_timer is not None:  # the rest of a body answered early has arrived: keep-alive as usual
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            if self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle  # the newest request: a pipelined one may have started meanwhile
+        if cycle is not None and cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self._linger_timer = self.loop.call_later(self.limits.linger, self.transport.close)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.limits.header_timeout, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a pipelined request is late: finish the current answer, then close
+            return
+        timeout = self.limits.header_timeout
+        error = RequestTimeout(f"the request headers were not complete after {timeout:g} s")
+        log.info("408 to %s: %s", self.client, error.detail)  # no request, hence no access-log line
+        self._refuse(error, "Request headers incomplete")
+
+    def _refuse(self, error: ImgsvcError, title: str, retry_after: int | None = None) -> None:
+        """Answer without the application (no request was parsed) and close."""
+        if self.transport.is_closing():
+            return
+        body = json.dumps(error.problem() | {"title": title}).encode()
+        head = [STATUS_LINE[error.status]]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head.append(b"content-type: application/problem+json\r\ncache-control: no-store\r\n")
+        head.append(b"x-content-type-options: nosniff\r\nconnection: close\r\n")
+        if retry_after is not None:
+            head.append(b"retry-after: %d\r\n" % retry_after)
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def guarded_protocol(limits: ClientLimits) -> type[GuardedHttpProtocol]:
+    """The protocol class to hand uvicorn as `http=` (uvicorn instantiates it once per connection)."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+
+
+def fit_connections(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE (up to the hard one) so that max_connections fit with FD_RESERVE to spare;
+    the number of connections that fit (fewer, with a warning, when the hard limit is too low)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < needed:
+        fitting = max(1, soft - FD_RESERVE)
+        log.warning("IMGSVC_MAX_CONNECTIONS=%d needs %d file descriptors, the hard limit is %d: "
+                    "serving at most %d connections", max_connections, needed, soft, fitting)  # fmt: skip
+        return fitting
+    return max_connections

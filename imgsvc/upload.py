@@ -51,12 +51,16 @@ async def read_body(
     chunks: AsyncIterator[bytes],
     max_bytes: int,
     idle_timeout: float = 30.0,
+    *,
+    min_rate: int = 0,
+    rate_window: float = 10.0,
 ) -> UploadBody:
-    """The uploaded file (raw `image/*` body or multipart field `file`), refusing past max_bytes as it streams
-    and when the client sends nothing for `idle_timeout` seconds."""
+    """The uploaded file (raw `image/*` body or multipart field `file`), refusing past max_bytes as it streams,
+    when the client sends nothing for `idle_timeout` seconds, and when a window of `rate_window` seconds brings
+    less than `min_rate` bytes per second (0: no rate check)."""
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
         raise PayloadTooLarge(f"the body of {content_length} bytes exceeds the {max_bytes}-byte upload limit")
-    chunks = _until_idle(chunks, idle_timeout)
+    chunks = _paced(chunks, idle_timeout, min_rate, rate_window)
     media_type, options = parse_options_header(content_type)
     if media_type.startswith(b"image/") or media_type == b"application/octet-stream":
         return UploadBody(data=await _read_capped(chunks, max_bytes))
@@ -67,17 +71,44 @@ async def read_body(
     )
 
 
-async def _until_idle(chunks: AsyncIterator[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
+async def _paced(
+    chunks: AsyncIterator[bytes], idle_timeout: float, min_rate: int, window: float
+) -> AsyncIterator[bytes]:
+    """The chunks as they come, or 408 (and the connection closed: the rest of the body would follow) when none
+    arrives for idle_timeout seconds or a tumbling window of `window` seconds brings fewer than min_rate × window
+    bytes. Each wait ends at the first moment the body is certain to fail if nothing more arrives."""
+    loop = asyncio.get_running_loop()
     iterator = aiter(chunks)
+    needed = min_rate * window
+    last = loop.time()
+    window_end, received = last + window, 0  # bytes received in the current window
     while True:
+        idle_at = last + idle_timeout
+        slow_at = (window_end if received < needed else window_end + window) if min_rate else idle_at
         try:
-            async with asyncio.timeout(idle_timeout):
+            async with asyncio.timeout_at(min(idle_at, slow_at)):
                 chunk = await anext(iterator)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise RequestTimeout(f"no upload data arrived for {idle_timeout:g} s") from None
+            if idle_at <= slow_at:
+                raise _timeout(f"no upload data arrived for {idle_timeout:g} s") from None
+            raise _too_slow(received if slow_at == window_end else 0, min_rate, window) from None
+        last = loop.time()
+        if min_rate and last >= window_end:
+            if received < needed or last >= window_end + window:
+                raise _too_slow(received if last < window_end + window else 0, min_rate, window)
+            window_end, received = window_end + window, 0
+        received += len(chunk)
         yield chunk
+
+
+def _timeout(detail: str) -> RequestTimeout:
+    return RequestTimeout(detail, headers={"Connection": "close"})
+
+
+def _too_slow(received: int, min_rate: int, window: float) -> RequestTimeout:
+    return _timeout(f"the upload sent {received} bytes in {window:g} s; at least {min_rate} bytes/s are required")
 
 
 async def _read_capped(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:

@@ -338,11 +338,25 @@ def test_cover_gravity(
         assert _near(decoded(x, y), colour), (gravity, x, y, decoded(x, y))
 
 
+def _patch_near(edge: str) -> pyvips.Image:
+    """Flat grey 600×200 with a 120×200 saturated checkerboard 20 px from its east or west edge."""
+    xy = pyvips.Image.xyz(120, 200)
+    checker = ((xy[0] & 8) ^ (xy[1] & 8)).ifthenelse([255, 40, 0], [0, 60, 255]).cast("uchar")
+    return _solid(600, 200, (128, 128, 128)).insert(checker, 460 if edge == "east" else 20, 0)
+
+
+@pytest.mark.parametrize("edge", ["east", "west"])
 @pytest.mark.parametrize("gravity", ["smart", "entropy"])
-def test_cover_smart_crops(gravity: str) -> None:
-    result = _render(_read(SHARP_JPEG), "jpeg", width=300, height=100, fit="cover", gravity=gravity)
-    decoded = _decode(result.data)
-    assert (decoded.width, decoded.height) == (300, 100)
+def test_cover_smart_crops(gravity: str, edge: str) -> None:
+    """On an image made for it, smart/entropy crop around the detail where the centre crop is flat grey."""
+    source = _patch_near(edge)
+    data = source.pngsave_buffer()
+    centre, chosen = (_decode(_render(data, "png", width=200, height=200, fit="cover", gravity=g).data)
+                      for g in ("center", gravity))  # fmt: skip
+    assert (chosen.width, chosen.height) == (200, 200)
+    assert centre.deviate() < 1 and chosen.deviate() > 50  # flat vs the checkerboard
+    offsets = [x for x in range(401) if (source.crop(x, 0, 200, 200) - chosen).abs().max() <= 2]
+    assert len(offsets) == 1 and offsets[0] in (range(380, 401) if edge == "east" else range(21)), offsets
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """A bounded soak: uploads, hits, misses, deletes and hostile requests from 8 client threads against a real
-server for SOAK_SECONDS (default 90): no 5xx but deliberate 503s, RSS flat, no fd or thread growth."""
+server for SOAK_SECONDS (default 90): every kind answered as it should (no 5xx), RSS flat, no fd or thread growth."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ from tests.conftest import FLICKR, PNG_ALPHA, ServerProcess
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "90"))
 MIX = {"hit": 40, "miss": 25, "upload": 10, "delete": 5, "hostile": 20}  # weights, per request
+EXPECTED = {  # the statuses each kind may get: the render queue (16) exceeds the 8 clients, uploads are not limited
+    "hit": {200},
+    "miss": {200},
+    "upload": {201},
+    "delete": {204},
+    "hostile": {400, 404, 415, 422},  # SVG 415, truncated JPEG 422, empty 400, w=0 and w twice 400, traversal 404
+}
 
 
 def slope_mib_per_minute(samples: list[tuple[float, int]]) -> float:
@@ -32,8 +39,7 @@ def test_soak(server_env: dict[str, str], tmp_path: Path) -> None:
            "IMGSVC_CACHE_BYTES": str(4 * 2**20), "IMGSVC_ORIGINALS_CACHE_BYTES": str(8 * 2**20)}  # fmt: skip
     server = ServerProcess(env, tmp_path / "soak.log").start()
     process = psutil.Process(server.proc.pid)  # type: ignore[union-attr]
-    statuses: Counter[str] = Counter()
-    kinds: Counter[str] = Counter()
+    statuses: dict[str, Counter[int]] = {kind: Counter() for kind in MIX}
     lock = threading.Lock()
     small = (FLICKR.read_bytes(), PNG_ALPHA.read_bytes())
     try:
@@ -73,8 +79,7 @@ def test_soak(server_env: dict[str, str], tmp_path: Path) -> None:
                             lambda: http.get(f"/img/{rng.choice(seeds)}?w=64&w=65"),
                         ])()  # fmt: skip
                     with lock:
-                        kinds[kind] += 1
-                        statuses[str(response.status_code)] += 1
+                        statuses[kind][response.status_code] += 1
 
         threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
         for thread in threads:
@@ -97,17 +102,18 @@ def test_soak(server_env: dict[str, str], tmp_path: Path) -> None:
     finally:
         server.stop()
 
-    total = sum(statuses.values())
+    total = sum(sum(counts.values()) for counts in statuses.values())
     second_half = [s for s in samples if s[0] > SECONDS / 2]
     slope = slope_mib_per_minute(second_half)
-    report = (f"soak {SECONDS:g} s: {total} requests ({total / SECONDS:.0f}/s), mix {dict(kinds)}, statuses "
-              f"{dict(sorted(statuses.items()))}, RSS {samples[0][1] / 2**20:.0f} -> {samples[-1][1] / 2**20:.0f} MiB, "
+    by_kind = {kind: dict(sorted(counts.items())) for kind, counts in statuses.items()}
+    report = (f"soak {SECONDS:g} s: {total} requests ({total / SECONDS:.0f}/s), statuses by kind {by_kind}, "
+              f"RSS {samples[0][1] / 2**20:.0f} -> {samples[-1][1] / 2**20:.0f} MiB, "
               f"second-half slope {slope:+.2f} MiB/min, fds/threads {warm} -> {end}, RSS by tenths "
               f"{[samples[len(samples) * i // 10][1] // 2**20 for i in range(10)]}")  # fmt: skip
     (tmp_path / "soak-report.txt").write_text(report)
     print(report)
-    errors = {code: n for code, n in statuses.items() if code.startswith("5") and code != "503"}
-    assert errors == {}, report
+    assert all(set(counts) <= EXPECTED[kind] for kind, counts in statuses.items()), report
+    assert all(statuses[kind] for kind in MIX), report  # every kind really ran
     assert total > 10 * SECONDS, report  # it really ran under load
     assert abs(slope) < 20, report  # flat: a leak of a few hundred kB per request would show here
     assert warm is not None and end[0] <= warm[0] + 10 and end[1] <= warm[1] + 4, report
