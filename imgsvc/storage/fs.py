@@ -108,7 +108,7 @@ class FilesystemStore:
 
     async def check(self) -> None:
         """Reachable and writable; a full disk still serves reads, so it does not fail readiness."""
-        if not await anyio.to_thread.run_sync(os.access, self.root, os.W_OK):
+        if not await anyio.to_thread.run_sync(lambda: self.root.is_dir() and os.access(self.root, os.W_OK)):
             raise Unavailable("the blob store's root directory is missing or not writable")
 
     async def close(self) -> None:
