@@ -106,6 +106,9 @@ def s3_config(settings: Settings) -> S3Config:
         access_key_id=settings.s3_access_key_id,
         secret_access_key=settings.s3_secret_access_key,
         path_style=settings.s3_path_style,
+        max_attempts=settings.s3_max_attempts,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
     )
 
 

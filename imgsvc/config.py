@@ -358,6 +358,14 @@ class Settings:
         "Listen backlog: connections the kernel queues before imgsvc accepts them (capped by net.core.somaxconn).",
         parse=_int(1, 65_535),
     )
+    s3_connect_timeout: float = _setting(2.0, "Seconds to open a connection to S3, per attempt.", parse=_float(0.1, 60))
+    s3_read_timeout: float = _setting(
+        5.0, "Seconds S3 may stay silent while answering (per read, per attempt).", parse=_float(0.1, 300)
+    )
+    s3_max_attempts: int = _setting(
+        3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
+        "them the request answers 503.", parse=_int(1, 10),
+    )  # fmt: skip
 
     @property
     def effective_storage_url(self) -> str:

@@ -105,21 +105,35 @@ class SeaweedS3:
         """Start, retrying with fresh ports if the process dies early (a port taken between probing and binding)."""
         for attempt in range(3):
             try:
-                return self._start(timeout)
+                return self._start(timeout, fresh_ports=True)
             except _EarlyExit:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _start(self, timeout: float) -> SeaweedS3:
+    def restart(self, timeout: float = 30.0) -> SeaweedS3:
+        """Start again after `stop(keep=True)`: the same ports (clients keep their endpoint) and the same data."""
+        return self._start(timeout, fresh_ports=False)
+
+    def pause(self) -> None:
+        """SIGSTOP the process group: connections are still accepted (the kernel's backlog), nothing answers."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def _start(self, timeout: float, *, fresh_ports: bool) -> SeaweedS3:
         began = time.monotonic()
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         (self.dir / "data" / "mini.options").unlink(missing_ok=True)  # `weed mini` saves its flags there, reloads them
         identity = {"name": "admin", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
         (self.dir / "s3.json").write_text(json.dumps({"identities": [identity]}))
-        for name, port in zip(_PORTS, _free_port_pairs(len(_PORTS)), strict=True):
-            self.ports[name], self.ports[f"{name}.grpc"] = port, port + 10000
+        if fresh_ports or not self.ports:
+            for name, port in zip(_PORTS, _free_port_pairs(len(_PORTS)), strict=True):
+                self.ports[name], self.ports[f"{name}.grpc"] = port, port + 10000
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WEED_", "S3_", "AWS_"))}
         env["TMPDIR"] = str(self.dir)
         with self.log_path.open("ab") as log:
@@ -134,7 +148,8 @@ class SeaweedS3:
                 self._cleanup_sockets()
                 raise _EarlyExit(f"weed exited with {self.proc.returncode}:\n{self._log_tail()}")
             try:
-                s3.create_bucket(Bucket=self.bucket)
+                with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):  # a restart
+                    s3.create_bucket(Bucket=self.bucket)
                 s3.put_object(Bucket=self.bucket, Key=".warm-up", Body=b"ok")  # the write path (volumes) works
                 s3.delete_object(Bucket=self.bucket, Key=".warm-up")
                 break
@@ -147,11 +162,13 @@ class SeaweedS3:
         self.startup_seconds = time.monotonic() - began
         return self
 
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL after 5 s; then remove the gRPC sockets weed leaves in /tmp."""
+    def stop(self, *, keep: bool = False) -> None:
+        """SIGTERM the process group, SIGKILL after 5 s; then remove the gRPC sockets weed leaves in /tmp, and the
+        data unless `keep` (for `restart`)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)  # if paused
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=5)
@@ -160,7 +177,7 @@ class SeaweedS3:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self._cleanup_sockets()
-        if self._own_dir:
+        if self._own_dir and not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _cleanup_sockets(self) -> None:

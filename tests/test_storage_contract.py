@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from imgsvc.catalog import Catalog
-from imgsvc.errors import BlobNotFound
+from imgsvc.errors import BlobNotFound, Unavailable
 from imgsvc.storage import BlobStore, BlobTooLarge, blob_key, open_store
 from imgsvc.storage.s3 import S3Config
 
@@ -138,3 +138,23 @@ async def test_listing_shows_every_blob_with_its_write_time(store: BlobStore) ->
     listed = {key: written async for key, written in store.list_blobs()}
     assert set(listed) == {key_of(data) for data in blobs}
     assert all(written.tzinfo is not None for written in listed.values())
+
+
+async def test_a_failing_filesystem_is_unavailable_and_recovers(tmp_path: Path) -> None:
+    """I/O errors other than a missing blob are 503 `Unavailable`, never a raw OSError; a blob that is
+    really missing stays `BlobNotFound`; once the directory is back, the same store works again."""
+    root = tmp_path / "blobs"
+    store = await open_store(f"file://{root}")
+    data = os.urandom(1000)
+    await store.put(key_of(data), data)
+    root.rename(tmp_path / "away")
+    root.write_bytes(b"not a directory")  # every path under the root now fails with ENOTDIR
+    for operation in (store.get(key_of(data), 1000), store.put(key_of(b"new"), b"new"), store.check()):
+        with pytest.raises(Unavailable):
+            await operation
+    root.unlink()
+    (tmp_path / "away").rename(root)
+    assert await store.get(key_of(data), 1000) == data
+    with pytest.raises(BlobNotFound):
+        await store.get(key_of(b"never stored"), 1000)
+    await store.close()

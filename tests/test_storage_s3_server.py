@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -17,10 +18,9 @@ from dataclasses import replace
 import aiohttp
 import pytest
 from aiohttp import web
-from botocore.exceptions import BotoCoreError, ClientError
 
-from imgsvc.errors import BlobNotFound
-from imgsvc.storage import BlobTooLarge, blob_key
+from imgsvc.errors import BlobNotFound, Unavailable
+from imgsvc.storage import BlobTooLarge, blob_key, open_store
 from imgsvc.storage.s3 import S3Config, S3Store, parse_s3_url
 from tests.seaweed import HOST, SeaweedS3
 
@@ -148,9 +148,9 @@ async def test_check(store: S3Store, config: S3Config) -> None:
     await store.check()
     other = await S3Store.open(replace(config, bucket="no-such-bucket-here", max_attempts=1))
     try:
-        with pytest.raises(ClientError):
+        with pytest.raises(Unavailable):
             await other.check()
-        with pytest.raises(ClientError):  # a missing bucket is an error, not a missing blob
+        with pytest.raises(Unavailable, match="NoSuchBucket"):  # a missing bucket is an error, not a missing blob
             await other.get("k", max_bytes=10)
     finally:
         await other.close()
@@ -239,7 +239,7 @@ async def test_transient_errors_are_retried(config: S3Config, proxy: tuple[Fault
         assert faulty.requests == 3
         assert await store.get("retried", max_bytes=100) == b"through two 503s"
         faulty.fail_next = 3
-        with pytest.raises(ClientError, match="SlowDown"):  # out of attempts: the error surfaces
+        with pytest.raises(Unavailable, match="SlowDown"):  # out of attempts: the store is unavailable
             await store.get("retried", max_bytes=100)
         assert faulty.requests == 7
     finally:
@@ -273,10 +273,45 @@ async def test_unreachable_endpoint_fails_in_bounded_time(config: S3Config, endp
             calls = (store.check, lambda: store.get("k", 10), lambda: store.put("k", b"x"), lambda: store.exists("k"))
             for call in calls:
                 started = time.monotonic()
-                with pytest.raises(BotoCoreError):
+                with pytest.raises(Unavailable):
                     async with asyncio.timeout(15):
                         await call()
                 assert time.monotonic() - started < 5  # 2 attempts x 0.3 s timeouts + at most 1 s of backoff
         finally:
             await store.close()
     assert len(sent) == 8  # every call made its two attempts
+
+
+async def test_an_outage_is_one_warning_each_way_and_fails_fast_while_probed(
+    config: S3Config, proxy: tuple[FaultyProxy, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through `open_store` (the guard the service uses): every failure is a 503 `Unavailable`; while one
+    request probes the failing store the others are answered at once, without a request to it; the outage
+    logs one warning when it starts and one when it ends, however many requests failed in between."""
+    faulty, url = proxy
+    store = await open_store(f"s3://{config.bucket}/{config.prefix}", s3=replace(config, endpoint_url=url))
+    try:
+        await store.put("kept", b"written before the outage")
+        caplog.set_level(logging.INFO, logger="imgsvc.storage")
+        faulty.fail_next = 10_000
+        for _ in range(3):
+            with pytest.raises(Unavailable, match="SlowDown") as failed:
+                await store.get("kept", max_bytes=100)
+            assert failed.value.status == 503 and failed.value.headers["Retry-After"] == "2"
+        before = faulty.requests
+        probe = asyncio.create_task(store.get("kept", max_bytes=100))
+        await asyncio.sleep(0)  # the probe is on its way
+        for _ in range(20):
+            with pytest.raises(Unavailable):
+                await store.get("kept", max_bytes=100)
+        with pytest.raises(Unavailable):
+            await probe
+        assert faulty.requests - before == config.max_attempts  # only the probe reached the store
+        faulty.fail_next = 0
+        assert await store.get("kept", max_bytes=100) == b"written before the outage"
+        await store.check()
+        warnings = [r.getMessage() for r in caplog.records if r.name == "imgsvc.storage"]
+        assert len(warnings) == 2, warnings
+        assert "unreachable" in warnings[0] and "reachable again" in warnings[1]
+    finally:
+        await store.close()

@@ -64,7 +64,13 @@ def check_size(size: int, max_bytes: int) -> None:
 
 async def open_store(url: str, *, pool: asyncpg.Pool | None = None, s3: S3Config | None = None) -> BlobStore:
     """The store a URL names: `file:///path`, `postgres:` (the catalog database, through `pool`), or
-    `s3://bucket/prefix` (connection settings from `s3`, whose bucket and prefix the URL replaces)."""
+    `s3://bucket/prefix` (connection settings from `s3`, whose bucket and prefix the URL replaces); guarded."""
+    from imgsvc.storage.guard import GuardedStore
+
+    return GuardedStore(await _open_backend(url, pool, s3), url)
+
+
+async def _open_backend(url: str, pool: asyncpg.Pool | None, s3: S3Config | None) -> BlobStore:
     if url.startswith("file://"):
         from imgsvc.storage.fs import FilesystemStore
 

@@ -1,21 +1,34 @@
-"""Filesystem blob store: one file per key under a root, written atomically.
-
-Writes go to a temporary file in the target directory, are fsynced, then renamed
-into place and the directory fsynced, so a crash never leaves a partial blob.
+"""Filesystem blob store: one file per key under a root, written atomically (temporary file, fsync,
+rename, directory fsync), so a crash or a full disk never leaves a partial blob. A full disk is
+`InsufficientStorage`; any other I/O failure is `Unavailable`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 
-from imgsvc.errors import BlobNotFound
+from imgsvc.errors import BlobNotFound, InsufficientStorage, Unavailable
 from imgsvc.storage import check_size, validate_key
+
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise InsufficientStorage(f"the blob store is full: nothing was stored ({exc.strerror})") from None
+        raise Unavailable(f"the blob store failed to {action} ({exc.strerror or type(exc).__name__})") from None
 
 
 class FilesystemStore:
@@ -30,7 +43,9 @@ class FilesystemStore:
         return path
 
     async def put(self, key: str, data: bytes) -> None:
-        await anyio.to_thread.run_sync(self._put, self._path(key), data)
+        path = self._path(key)
+        with _translated("write"):
+            await anyio.to_thread.run_sync(self._put, path, data)
 
     @staticmethod
     def _put(path: Path, data: bytes) -> None:
@@ -54,7 +69,9 @@ class FilesystemStore:
             os.close(dir_fd)
 
     async def get(self, key: str, max_bytes: int) -> bytes:
-        return await anyio.to_thread.run_sync(self._get, self._path(key), max_bytes)
+        path = self._path(key)
+        with _translated("read"):
+            return await anyio.to_thread.run_sync(self._get, path, max_bytes)
 
     @staticmethod
     def _get(path: Path, max_bytes: int) -> bytes:
@@ -66,13 +83,18 @@ class FilesystemStore:
             raise BlobNotFound(str(path.name)) from None
 
     async def exists(self, key: str) -> bool:
-        return await anyio.to_thread.run_sync(self._path(key).is_file)
+        path = self._path(key)
+        with _translated("read"):
+            return await anyio.to_thread.run_sync(path.is_file)
 
     async def delete(self, key: str) -> None:
-        await anyio.to_thread.run_sync(lambda: self._path(key).unlink(missing_ok=True))
+        path = self._path(key)
+        with _translated("delete"):
+            await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
 
     async def list_blobs(self) -> AsyncIterator[tuple[str, datetime]]:
-        found = await anyio.to_thread.run_sync(self._list)
+        with _translated("list"):
+            found = await anyio.to_thread.run_sync(self._list)
         for item in found:
             yield item
 
@@ -85,8 +107,9 @@ class FilesystemStore:
         return blobs
 
     async def check(self) -> None:
-        if not await anyio.to_thread.run_sync(os.access, self.root, os.W_OK):
-            raise OSError(f"blob root {self.root} is not writable")
+        """Reachable and writable; a full disk still serves reads, so it does not fail readiness."""
+        if not await anyio.to_thread.run_sync(lambda: self.root.is_dir() and os.access(self.root, os.W_OK)):
+            raise Unavailable("the blob store's root directory is missing or not writable")
 
     async def close(self) -> None:
         return None

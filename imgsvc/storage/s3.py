@@ -1,29 +1,37 @@
-"""S3 blob store: AWS S3 or any S3-compatible server, through one long-lived aiobotocore client."""
+"""S3 blob store: AWS S3 or any S3-compatible server, through one long-lived aiobotocore client.
+
+Bounded connect and read timeouts, botocore's standard retries; what still fails is `Unavailable`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from imgsvc.errors import BlobNotFound
+from imgsvc.errors import BlobNotFound, Unavailable
 from imgsvc.storage import check_size, validate_key
 
 _BUCKET = re.compile(r"^(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})  # not NoSuchBucket: a missing bucket is an error
 _CHUNK = 256 * 1024
 _HASH_OFF_LOOP = 1024 * 1024  # hash larger bodies in a worker thread (hashlib releases the GIL)
+_CHECK_SECONDS = 3.0  # readiness: one HeadBucket, however many attempts the client would make
+_DOWN = (BotoCoreError, ClientError, aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +43,9 @@ class S3Config:
     access_key_id: str | None = None  # None (with the secret) = the usual AWS credential chain
     secret_access_key: str | None = None
     path_style: bool = False  # http://host/bucket/key rather than http://bucket.host/key
-    max_attempts: int = 4  # attempts per request, the first included (botocore standard retry mode)
-    connect_timeout: float = 3.0
-    read_timeout: float = 20.0
+    max_attempts: int = 3  # attempts per request, the first included (botocore standard retry mode)
+    connect_timeout: float = 2.0
+    read_timeout: float = 5.0  # seconds without a byte from the server, per attempt
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -55,6 +63,16 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 def _missing(exc: ClientError) -> bool:
     return str(exc.response.get("Error", {}).get("Code", "")) in _MISSING
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Whatever is left after the client's retries: the store is unreachable, slow or refusing."""
+    try:
+        yield
+    except _DOWN as exc:
+        reason = exc.response.get("Error", {}).get("Code", "error") if isinstance(exc, ClientError) else None
+        raise Unavailable(f"the blob store failed to {action} ({reason or type(exc).__name__})") from None
 
 
 def _no_expect_continue(request: Any, **_: Any) -> None:
@@ -116,18 +134,23 @@ class S3Store:
             md5, sha256 = await anyio.to_thread.run_sync(_digests, data)
         else:
             md5, sha256 = _digests(data)
-        await self._client.put_object(
-            Bucket=self.bucket,
-            Key=name,
-            Body=data,
-            ContentLength=len(data),
-            ContentMD5=md5,
-            ChecksumSHA256=sha256,
-            ContentType="application/octet-stream",
-        )
+        with _translated("write"):
+            await self._client.put_object(
+                Bucket=self.bucket,
+                Key=name,
+                Body=data,
+                ContentLength=len(data),
+                ContentMD5=md5,
+                ChecksumSHA256=sha256,
+                ContentType="application/octet-stream",
+            )
 
     async def get(self, key: str, max_bytes: int) -> bytes:
         name = self._key(key)
+        with _translated("read"):
+            return await self._get(key, name, max_bytes)
+
+    async def _get(self, key: str, name: str, max_bytes: int) -> bytes:
         try:
             response = await self._client.get_object(Bucket=self.bucket, Key=name)
         except ClientError as exc:
@@ -148,31 +171,36 @@ class S3Store:
 
     async def exists(self, key: str) -> bool:
         name = self._key(key)
-        try:
-            await self._client.head_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if _missing(exc):
-                return False
-            raise
+        with _translated("read"):
+            try:
+                await self._client.head_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _missing(exc):
+                    return False
+                raise
         return True
 
     async def delete(self, key: str) -> None:
         name = self._key(key)
-        try:
-            await self._client.delete_object(Bucket=self.bucket, Key=name)
-        except ClientError as exc:
-            if not _missing(exc):
-                raise
+        with _translated("delete"):
+            try:
+                await self._client.delete_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
 
     async def list_blobs(self) -> AsyncIterator[tuple[str, datetime]]:
         start = f"{self.prefix}/" if self.prefix else ""
         paginator = self._client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
-            for item in page.get("Contents", []):
-                yield item["Key"].removeprefix(start), item["LastModified"]
+        with _translated("list"):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+                for item in page.get("Contents", []):
+                    yield item["Key"].removeprefix(start), item["LastModified"]
 
     async def check(self) -> None:
-        await self._client.head_bucket(Bucket=self.bucket)
+        with _translated("answer"):
+            async with asyncio.timeout(_CHECK_SECONDS):
+                await self._client.head_bucket(Bucket=self.bucket)
 
     async def close(self) -> None:
         await self._stack.aclose()
