@@ -13,6 +13,7 @@ import asyncpg
 
 from imgsvc import logs
 from imgsvc.config import ConfigError, Settings
+from imgsvc.errors import ImgsvcError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
+    except ImgsvcError as exc:  # the database or the blob store is unavailable (migrate, gc, import)
+        print(f"imgsvc: {exc.detail}", file=sys.stderr)
+        return 1
 
 
 def healthcheck(settings: Settings, timeout: float) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from imgsvc.catalog import Catalog
+from imgsvc.errors import ImgsvcError
 from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.storage import BlobStore
 
@@ -68,6 +69,8 @@ async def periodic_collection(
             try:
                 report = await collect_garbage(catalog, store, grace)
                 log.info("gc: examined %d blobs, removed %d", report.examined, len(report.removed))
+            except ImgsvcError as exc:  # the database or the store is unavailable: they log the outage
+                log.warning("gc run skipped (%s); trying again next period", exc.detail)
             except Exception:
                 log.exception("gc run failed; trying again next period")
 

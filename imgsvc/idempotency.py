@@ -78,11 +78,12 @@ class IdempotencyKeys:
         while True:
             token = secrets.token_urlsafe(12)
             row = await self.pool.fetchrow(
-                """INSERT INTO idempotency_keys AS k (owner, scope, key, fingerprint, claim, expires_at)
-                   VALUES ($1, $2, $3, $4, $5, CASE WHEN $2 = 'upload' THEN clock_timestamp() + $6::interval END)
+                """WITH now AS (SELECT clock_timestamp() AS at)
+                   INSERT INTO idempotency_keys AS k (owner, scope, key, fingerprint, claim, claimed_at, expires_at)
+                   SELECT $1, $2, $3, $4, $5, now.at, CASE WHEN $2 = 'upload' THEN now.at + $6::interval END FROM now
                    ON CONFLICT (owner, scope, key) DO UPDATE
                       SET fingerprint = EXCLUDED.fingerprint, claim = EXCLUDED.claim, image_id = NULL,
-                          claimed_at = clock_timestamp(), expires_at = EXCLUDED.expires_at
+                          claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
                       WHERE k.expires_at < clock_timestamp()
                          OR (k.image_id IS NULL AND k.claimed_at < clock_timestamp() - $7::interval)
                    RETURNING NULL AS image_id, NULL AS fingerprint, true AS claimed""",

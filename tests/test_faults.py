@@ -26,7 +26,8 @@ import pytest
 
 from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres
-from tests.conftest import REPO, ServerProcess, app_client, with_settings
+from tests.conftest import REPO, ServerProcess, app_client, free_port, with_settings
+from tests.test_config import run_cli
 
 KINDS = ("upload", "render", "metadata")
 SUCCESS = {"upload": {201}, "render": {200}, "metadata": {200}}
@@ -373,3 +374,12 @@ async def test_a_slow_or_erroring_database_is_503_within_its_timeout_and_heals(
     messages = [r.getMessage() for r in caplog.records if r.name == "imgsvc.catalog"]
     assert "database unavailable (TimeoutError)" in messages and "database back" in messages
     assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
+
+
+@pytest.mark.parametrize("command", [["gc", "--dry-run"], ["migrate"]])
+def test_commands_say_the_database_is_unavailable_without_a_traceback(command: list[str], tmp_path: Path) -> None:
+    env = {"IMGSVC_DATABASE_URL": f"postgresql://imgsvc@127.0.0.1:{free_port()}/imgsvc",  # nothing listens
+           "IMGSVC_DATABASE_TIMEOUT": "2", "IMGSVC_STORAGE_URL": f"file://{tmp_path / 'blobs'}"}  # fmt: skip
+    result = run_cli(*command, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "unavailable" in result.stderr and "Traceback" not in result.stderr

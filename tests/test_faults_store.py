@@ -464,7 +464,8 @@ def test_nginx_in_front_of_a_stopped_or_frozen_imgsvc(server: ServerProcess, sta
         assert new_answer.status_code == 504
         recovered = until(lambda: http.get(f"/img/{some_id}?w=69").status_code == 200, 60)
         lost = sum(http.get(f"/img/{image_id}?w=70").status_code != 200 for image_id in before)
-        lost += nothing_lost(httpx.Client(base_url=server.url, timeout=60), before)
+        with httpx.Client(base_url=server.url, timeout=60) as direct:
+            lost += nothing_lost(direct, before)
     assert "0 to remove" in gc_dry_run(server.env)
     print(f"\nFAULT nginx, imgsvc stopped {down_for:.1f} s: {dict(seen)}; back: first new variant 200 "
           f"{restarted:.1f} s after the restart began (imgsvc ready after {server.ready_after:.1f} s); frozen "
