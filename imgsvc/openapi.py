@@ -70,10 +70,11 @@ def document(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/img/{id}": {
                 "get": {"summary": "a rendered variant", "parameters": [image_id, *render_params],
-                        "responses": _responses(400, 401, 403, 404, 500, 503, ok={
+                        "responses": _responses(400, 401, 403, 404, 429, 500, 503, ok={
                             "200": variant, "304": {"description": "not modified (If-None-Match)"}})},
                 "head": {"summary": "the GET headers, no body", "parameters": [image_id, *render_params],
-                         "responses": {"200": {"description": "headers"}, "304": {"description": "not modified"}}},
+                         "responses": _responses(400, 401, 403, 404, 429, 500, 503, ok={
+                             "200": {"description": "headers"}, "304": {"description": "not modified"}})},
             },
             "/images": {
                 "post": {"summary": "upload", "security": bearer,
@@ -92,7 +93,7 @@ def document(settings: Settings) -> dict[str, Any]:
                              "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                                  "file": {"type": "string", "format": "binary"}, "category": {"type": "string"},
                                  "visibility": visibility}}}}},
-                         "responses": _responses(400, 401, 403, 409, 413, 415, 422, 429, 503,
+                         "responses": _responses(400, 401, 403, 408, 409, 413, 415, 422, 429, 503, 507,
                                                  ok={"201": image_json})},
                 "get": {"summary": "the caller's images, newest first", "security": bearer,
                         "parameters": [_query("owner", {"type": "string"}, "me (default) or, for admins, a subject"),
@@ -103,13 +104,14 @@ def document(settings: Settings) -> dict[str, Any]:
             },
             "/images/{id}": {
                 "get": {"summary": "image metadata", "security": bearer, "parameters": [image_id],
-                        "responses": _responses(401, 403, 404, ok={"200": image_json})},
+                        "responses": _responses(401, 403, 404, 503, ok={"200": image_json})},
                 "delete": {"summary": "delete (owner or admin)", "security": bearer, "parameters": [image_id],
-                           "responses": _responses(401, 403, 404, ok={"204": {"description": "deleted"}})},
+                           "responses": _responses(401, 403, 404, 503, ok={"204": {"description": "deleted"}})},
             },
             "/images/{id}/original": {
                 "get": {"summary": "the original bytes, as an attachment", "security": bearer, "parameters": [image_id],
-                        "responses": _responses(401, 403, 404, 500, ok={"200": {"description": "the original"}})},
+                        "responses": _responses(401, 403, 404, 500, 503,
+                                                ok={"200": {"description": "the original"}})},
             },
             "/livez": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "readiness", "responses": {"200": {"description": "ready"},
