@@ -17,7 +17,7 @@ from starlette.routing import Route
 from imgsvc import endpoints, pipeline
 from imgsvc.auth import NoAuth, Verifier
 from imgsvc.catalog import Catalog
-from imgsvc.config import ConfigError, Settings
+from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres, supervised
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
@@ -29,7 +29,7 @@ from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.services import Services
 from imgsvc.signing import Keyring, UnsignedSpace, UrlPolicy
-from imgsvc.spec import PresetItems, SpecLimits, parse_presets
+from imgsvc.spec import SpecLimits
 from imgsvc.storage import BlobStore, open_store
 from imgsvc.storage.s3 import S3Config
 from imgsvc.upload import Ingest
@@ -37,13 +37,6 @@ from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksCon
 from imgsvc.workers import WorkerPool
 
 log = logging.getLogger("imgsvc")
-
-
-def load_presets(settings: Settings) -> dict[str, PresetItems]:
-    try:
-        return parse_presets(settings.presets)
-    except ValueError as exc:
-        raise ConfigError([f"IMGSVC_PRESETS: {exc}"]) from None
 
 
 def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
@@ -73,27 +66,19 @@ def build_verifier(settings: Settings) -> Verifier:
         )
     if settings.auth == "jwks":
         assert settings.auth_jwks_url and settings.auth_issuer and settings.auth_audience
-        try:
-            config = JwksConfig(
+        return JwksVerifier(
+            JwksConfig(
                 url=settings.auth_jwks_url,
                 issuer=settings.auth_issuer,
                 audience=settings.auth_audience,
                 algorithms=settings.auth_algorithms,
             )
-        except ValueError as exc:
-            raise ConfigError([f"IMGSVC_AUTH_ALGORITHMS: {exc}"]) from None
-        return JwksVerifier(config)
+        )
     return NoAuth()
 
 
-def url_policy(settings: Settings, presets: dict[str, PresetItems]) -> UrlPolicy:
-    space = UnsignedSpace.allowing(
-        settings.unsigned_widths,
-        settings.unsigned_qualities,
-        settings.unsigned_formats,
-        settings.unsigned_gravities,
-        effects=settings.unsigned_effects,
-    ).with_presets(presets, SpecLimits(max_output_dim=settings.max_output_dim))
+def url_policy(settings: Settings) -> UrlPolicy:
+    space = UnsignedSpace.from_settings(settings)
     return UrlPolicy(Keyring.from_pairs(settings.signing_keys), space, settings.require_signed)
 
 
@@ -133,7 +118,6 @@ async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, 
 @contextlib.asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     """Start every dependency in order and stop them in reverse, whatever happens in between."""
-    presets = load_presets(settings)
     version = pipeline.configure_libvips()
     log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
     async with contextlib.AsyncExitStack() as stack:
@@ -146,7 +130,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             catalog=catalog,
             store=store,
             pool=pool,
-            policy=url_policy(settings, presets),
+            policy=url_policy(settings),
             limits=limits,
             variant_cache_bytes=settings.cache_bytes,
             original_cache_bytes=settings.originals_cache_bytes,
@@ -165,7 +149,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             verifier=verifier,
             renderer=renderer,
             ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool)),
-            spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=presets),
+            spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=settings.presets),
             upload_limiter=RateLimiter(settings.upload_rate),
             render_limiter=RateLimiter(settings.render_rate, settings.render_burst, what="render misses"),
             listener=listener,

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     config = commands.add_parser("config", help="show the effective settings")
     config.add_argument("--check", action="store_true", help="validate every setting; exit 1 on any error")
-    sign = commands.add_parser("sign", help="print a signed render URL (uses IMGSVC_SIGNING_KEYS)")
+    sign = commands.add_parser("sign", help="print a signed render URL (uses IMGSVC_SIGNING_KEYS and IMGSVC_PRESETS)")
     sign.add_argument("image_id")
     sign.add_argument("query", nargs="?", default="", help="render query, e.g. 'w=256&fmt=webp'")
     sign.add_argument("--expires-in", type=int, metavar="SECONDS", help="add exp, now + SECONDS")
@@ -91,9 +91,6 @@ def healthcheck(settings: Settings, timeout: float) -> int:
 
 
 def show_config(settings: Settings) -> int:
-    from imgsvc.app import load_presets
-
-    load_presets(settings)
     rows = settings.describe()
     width = max(len(name) for name, _, _ in rows)
     for name, value, help_text in rows:
@@ -110,8 +107,7 @@ def print_signed_url(settings: Settings, image_id: str, query: str, expires_in: 
     if not settings.signing_keys:
         print("imgsvc: IMGSVC_SIGNING_KEYS is not set", file=sys.stderr)
         return 2
-    urls = RenderUrls(base or settings.effective_public_url, settings.signing_keys,
-                      max_output_dim=settings.max_output_dim)  # fmt: skip
+    urls = RenderUrls.from_settings(settings, base)
     try:
         print(urls.url(image_id, expires_in=expires_in, **dict(parse_qsl(query, keep_blank_values=True))))
     except InvalidParameter as exc:

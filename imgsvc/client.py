@@ -1,7 +1,7 @@
 """Build render URLs and `srcset` strings, signed or not, without a network call.
 
-For the main application: `RenderUrls("https://img.example.com", keys=[("k1", SECRET)])`. It uses the server's
-own canonical form and unsigned allow-list, so what it signs or leaves unsigned is what the server accepts.
+For the main application: `RenderUrls.from_settings(Settings.from_env())` (the server's keys, presets and
+unsigned allow-list) or `RenderUrls(base_url, keys)`; what it signs or leaves unsigned is what the server serves.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import time
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote
 
+from imgsvc.config import Settings
 from imgsvc.signing import DEFAULT_UNSIGNED, Keyring, UnsignedSpace, signed_query
-from imgsvc.spec import SpecLimits, parse_query
+from imgsvc.spec import DEFAULT_PRESETS, Presets, SpecLimits, parse_query
 
 
 class RenderUrls:
@@ -21,13 +22,26 @@ class RenderUrls:
         keys: Sequence[tuple[str, str]] = (),
         *,
         max_output_dim: int = 8192,
+        presets: Presets = DEFAULT_PRESETS,
         unsigned: UnsignedSpace | None = DEFAULT_UNSIGNED,
     ) -> None:
-        """`unsigned`: what the server serves without a signature (its defaults unless told; None: anything)."""
+        """`presets`: the server's (`p=`); `unsigned`: what it serves without a signature (its defaults unless
+        told; None: anything), its presets always included."""
         self.base_url = base_url.rstrip("/")
         self.keyring = Keyring.from_pairs(keys)
-        self.limits = SpecLimits(max_output_dim=max_output_dim)
-        self.unsigned = unsigned
+        self.limits = SpecLimits(max_output_dim=max_output_dim, presets=presets)
+        self.unsigned = None if unsigned is None else unsigned.with_presets(presets, self.limits)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, base_url: str | None = None) -> RenderUrls:
+        """URLs for the server these settings configure; `base_url` defaults to its public URL."""
+        return cls(
+            base_url or settings.effective_public_url,
+            settings.signing_keys,
+            max_output_dim=settings.max_output_dim,
+            presets=settings.presets,
+            unsigned=UnsignedSpace.from_settings(settings),
+        )
 
     def url(self, image_id: str, *, expires_in: int | None = None, sign: bool = True, **params: object) -> str:
         """`url("Xb3...", w=256, fmt="webp")`; signed when keys are configured, with `exp` when asked.

@@ -14,19 +14,26 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from imgsvc.spec import DEFAULT_PRESETS, Presets, format_presets, parse_presets
+
 AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# Asymmetric JWS algorithms only (RFC 8725 §3.1): a token can never be verified with a shared secret.
+JwtAlgorithm = Literal["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("EdDSA", "ES256", "RS256")
 
 DEFAULT_WIDTHS = (16, 32, 48, 64, 96, 128, 256, 384, 640, 750, 828, 1080, 1200, 1920, 2048, 3840)
 UNSIGNED_FORMATS = ("auto", "jpeg", "png", "webp", "avif", "gif")  # every fmt: each is one encode of one size
 UNSIGNED_GRAVITIES = ("center", "north", "south", "east", "west", "ne", "nw", "se", "sw")  # crops, not analyses
 DEFAULT_UNSIGNED_QUALITIES = (60, 75, 85)
-DEFAULT_PRESETS = "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024"
 MiB = 1024 * 1024
 
 
 def _setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, "secret": secret})
+    metadata = {"help": help, "parse": parse, "secret": secret}
+    if isinstance(default, Mapping):  # read-only (presets), but dataclasses refuse any unhashable default
+        return field(default_factory=lambda: default, hash=False, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _bool(text: str) -> bool:
@@ -125,11 +132,12 @@ def _url(text: str) -> str:
     return text
 
 
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
+def _algorithms(text: str) -> tuple[JwtAlgorithm, ...]:
+    parse = _member(get_args(JwtAlgorithm))
+    names = tuple(dict.fromkeys(parse(part) for part in text.split(",") if part.strip()))
     if not names:
-        raise ValueError("needs at least one name")
-    return names
+        raise ValueError("needs at least one algorithm")
+    return names  # type: ignore[return-value]  # each one checked by _member
 
 
 def _database_url(text: str) -> str:
@@ -149,33 +157,40 @@ class Settings:
     host: str = _setting("127.0.0.1", "Bind address of the HTTP server.")
     port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535))
     forwarded_allow_ips: str = _setting(
-        "127.0.0.1", "Proxies (comma-separated addresses, or *) whose X-Forwarded-For/-Proto are trusted."
+        "127.0.0.1",
+        "Proxies (comma-separated addresses, or *) whose X-Forwarded-For/-Proto are trusted.",
     )
     data_dir: Path = _setting(
-        Path("./imgsvc-data"), "Where the embedded defaults keep their state (Postgres, blobs).", parse=Path
+        Path("./imgsvc-data"),
+        "Where the embedded defaults keep their state (Postgres, blobs).",
+        parse=Path,
     )
     database_url: str | None = _setting(
-        None, "Postgres DSN; unset starts a private embedded Postgres in the data dir.", parse=_database_url,
+        None,
+        "Postgres DSN; unset starts a private embedded Postgres in the data dir.",
+        parse=_database_url,
         secret=True,
     )
     storage_url: str | None = _setting(
-        None, "Blob store: file:///path, s3://bucket/prefix, or postgres: (bytea rows in the catalog "
+        None,
+        "Blob store: file:///path, s3://bucket/prefix, or postgres: (bytea rows in the catalog "
         "database); unset means file://<data dir>/blobs.",
         parse=_storage_url,
     )
-    s3_endpoint_url: str | None = _setting(
-        None, "S3-compatible endpoint (unset: AWS S3).", parse=_url
-    )
+    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint (unset: AWS S3).", parse=_url)
     s3_region: str | None = _setting(None, "S3 region (unset: AWS_REGION / AWS_DEFAULT_REGION / AWS config).")
     s3_access_key_id: str | None = _setting(None, "S3 access key (unset: the usual AWS credential chain).")
     s3_secret_access_key: str | None = _setting(None, "S3 secret key (unset: the usual AWS credential chain).",
                                                 secret=True)  # fmt: skip
     s3_path_style: bool = _setting(
-        False, "Path-style S3 addressing (http://host/bucket/key), which most S3-compatible stores need.",
+        False,
+        "Path-style S3 addressing (http://host/bucket/key), which most S3-compatible stores need.",
         parse=_bool,
     )
     public_url: str | None = _setting(
-        None, "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.", parse=_public_url
+        None,
+        "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.",
+        parse=_public_url,
     )
     auth: AuthMode = _setting(
         "none",
@@ -189,7 +204,8 @@ class Settings:
         None, "Client secret imgsvc presents to the introspection endpoint.", secret=True
     )
     auth_cache_ttl: float = _setting(
-        60.0, "Longest time an active introspection answer is reused (also capped by the token's exp).",
+        60.0,
+        "Longest time an active introspection answer is reused (also capped by the token's exp).",
         parse=_float(1, 3600),
     )
     auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=_url)
@@ -197,15 +213,21 @@ class Settings:
     auth_audience: str | None = _setting(
         None, "Required `aud` of tokens: this service's name at the main app (required for jwks)."
     )
-    auth_algorithms: tuple[str, ...] = _setting(
-        ("EdDSA", "ES256", "RS256"), "Accepted JWT algorithms, asymmetric only (auth=jwks).", parse=_names
+    auth_algorithms: tuple[JwtAlgorithm, ...] = _setting(
+        DEFAULT_JWT_ALGORITHMS,
+        "Accepted JWT algorithms, asymmetric only (auth=jwks).",
+        parse=_algorithms,
     )
     upload_rate: int = _setting(
-        60, "Uploads per minute per subject (bursts up to the same number); 0 disables the limit.",
+        60,
+        "Uploads per minute per subject (bursts up to the same number); 0 disables the limit.",
         parse=_int(0, 1_000_000),
     )
     signing_keys: tuple[tuple[str, str], ...] = _setting(
-        (), "Render URL signing keys as kid:secret,...; the first signs, all verify.", parse=_signing_keys, secret=True
+        (),
+        "Render URL signing keys as kid:secret,...; the first signs, all verify.",
+        parse=_signing_keys,
+        secret=True,
     )
     require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=_bool)
     unsigned_widths: tuple[int, ...] | None = _setting(
@@ -220,7 +242,9 @@ class Settings:
         parse=_int(1, 256),
     )
     render_queue: int = _setting(
-        64, "Renders that may wait for a worker; beyond this a render is refused with 503.", parse=_int(0, 100_000)
+        64,
+        "Renders that may wait for a worker; beyond this a render is refused with 503.",
+        parse=_int(0, 100_000),
     )
     render_timeout: float = _setting(10.0, "Deadline of one render in seconds.", parse=_float(0.1, 600))
     cache_bytes: int = _setting(256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0))
@@ -235,7 +259,9 @@ class Settings:
     )
     max_upload_bytes: int = _setting(25_000_000, "Largest accepted upload body in bytes.", parse=_int(1))
     upload_idle_timeout: float = _setting(
-        30.0, "An upload whose body stops arriving for this many seconds is answered 408.", parse=_float(0.1, 3600)
+        30.0,
+        "An upload whose body stops arriving for this many seconds is answered 408.",
+        parse=_float(0.1, 3600),
     )
     max_pixels: int = _setting(
         50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1)
@@ -243,23 +269,33 @@ class Settings:
     max_frames: int = _setting(100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000))
     max_output_dim: int = _setting(8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535))
     gc_grace_days: float = _setting(
-        7.0, "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
+        7.0,
+        "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
         parse=_float(0, 3650),
     )
     gc_interval: float = _setting(
-        0.0, "Seconds between garbage collections run by the service itself; 0 leaves it to `imgsvc gc`.",
+        0.0,
+        "Seconds between garbage collections run by the service itself; 0 leaves it to `imgsvc gc`.",
         parse=_float(0, 30 * 86400),
     )
-    presets: str = _setting(DEFAULT_PRESETS, "Named render presets as name:query;name:query.")
+    presets: Presets = _setting(
+        DEFAULT_PRESETS,
+        "Named render presets as name:query;name:query (?p=name).",
+        parse=parse_presets,
+    )
     drain_seconds: float = _setting(
-        0.0, "After SIGTERM, seconds /readyz answers 503 while requests are still served (load balancer drain).",
+        0.0,
+        "After SIGTERM, seconds /readyz answers 503 while requests are still served (load balancer drain).",
         parse=_float(0, 600),
     )
     shutdown_timeout: float = _setting(
-        20.0, "Then, seconds in-flight requests get to finish before the process stops.", parse=_float(0, 600)
+        20.0,
+        "Then, seconds in-flight requests get to finish before the process stops.",
+        parse=_float(0, 600),
     )
     access_log: bool = _setting(
-        True, "One JSON access-log line per request (behind nginx, which logs too, off gains ~40% on LRU hits).",
+        True,
+        "One JSON access-log line per request (behind nginx, which logs too, off gains ~40% on LRU hits).",
         parse=_bool,
     )
     log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
@@ -360,7 +396,9 @@ class Settings:
     )
     s3_connect_timeout: float = _setting(2.0, "Seconds to open a connection to S3, per attempt.", parse=_float(0.1, 60))
     s3_read_timeout: float = _setting(
-        5.0, "Seconds S3 may stay silent while answering (per read, per attempt).", parse=_float(0.1, 300)
+        5.0,
+        "Seconds S3 may stay silent while answering (per read, per attempt).",
+        parse=_float(0.1, 300),
     )
     s3_max_attempts: int = _setting(
         3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
@@ -466,4 +504,6 @@ def _show(value: object) -> str:
         return "(unset)"
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value) or "(none)"
+    if isinstance(value, Mapping):
+        return format_presets(value) or "(none)"
     return str(value)

@@ -14,13 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from imgsvc.config import DEFAULT_UNSIGNED_QUALITIES, DEFAULT_WIDTHS, UNSIGNED_FORMATS, UNSIGNED_GRAVITIES
+from imgsvc.config import DEFAULT_UNSIGNED_QUALITIES, DEFAULT_WIDTHS, UNSIGNED_FORMATS, UNSIGNED_GRAVITIES, Settings
 from imgsvc.errors import Forbidden, InvalidParameter
 from imgsvc.spec import (
     DEFAULT_BACKGROUND,
     DEFAULT_PRESETS,
     ParsedQuery,
-    PresetItems,
+    Presets,
     SpecLimits,
     TransformSpec,
     parse_query,
@@ -125,7 +125,18 @@ class UnsignedSpace:
             None if effects else frozenset({DEFAULT_BACKGROUND}),
         )
 
-    def with_presets(self, presets: Mapping[str, PresetItems], limits: SpecLimits) -> UnsignedSpace:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UnsignedSpace:
+        """What a server with these settings serves unsigned: the `IMGSVC_UNSIGNED_*` lists and its presets."""
+        return cls.allowing(
+            settings.unsigned_widths,
+            settings.unsigned_qualities,
+            settings.unsigned_formats,
+            settings.unsigned_gravities,
+            effects=settings.unsigned_effects,
+        ).with_presets(settings.presets, SpecLimits(max_output_dim=settings.max_output_dim))
+
+    def with_presets(self, presets: Presets, limits: SpecLimits) -> UnsignedSpace:
         """Also allow every value a preset sets, so that a preset is unsigned however it is spelled."""
         specs = [parse_query(items, replace(limits, presets={})).spec for items in presets.values()]
         return UnsignedSpace(

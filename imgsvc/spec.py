@@ -22,13 +22,14 @@ OutputFormat = Literal["jpeg", "png", "webp", "avif", "gif"]
 SourceFormat = Literal["jpeg", "png", "webp", "gif", "avif", "heif", "tiff"]
 AcceptToken = Literal["avif", "webp", "legacy"]
 PresetItems = tuple[tuple[str, str], ...]
+Presets = Mapping[str, PresetItems]  # name -> its query items, as `IMGSVC_PRESETS` defines them
 
 # png and gif are lossless here: their entry only completes the mapping, `q` never reaches them.
 DEFAULT_QUALITY: Mapping[OutputFormat, int] = MappingProxyType(
     {"jpeg": 80, "webp": 80, "avif": 50, "png": 100, "gif": 100}
 )
 DEFAULT_BACKGROUND = "ffffff"
-DEFAULT_PRESETS: Mapping[str, PresetItems] = MappingProxyType(
+DEFAULT_PRESETS: Presets = MappingProxyType(
     {
         "thumbnail": (("w", "64"), ("h", "64"), ("fit", "cover")),
         "small": (("w", "128"),),
@@ -121,7 +122,7 @@ class ParsedQuery:
 @dataclass(frozen=True, slots=True)
 class SpecLimits:
     max_output_dim: int = 8192
-    presets: Mapping[str, PresetItems] = field(default_factory=lambda: DEFAULT_PRESETS, hash=False)
+    presets: Presets = field(default_factory=lambda: DEFAULT_PRESETS, hash=False)
 
 
 _DEFAULT_LIMITS = SpecLimits()
@@ -246,7 +247,7 @@ def _format_blur(sigma: float) -> str:
     return f"{sigma:.2f}".rstrip("0").rstrip(".")
 
 
-def parse_presets(text: str) -> dict[str, PresetItems]:
+def parse_presets(text: str) -> Presets:
     """Parse the preset config syntax `name:query;name:query` (e.g. `thumbnail:w=64&h=64&fit=cover;small:w=128`).
 
     Raises ValueError naming the preset when a name or its query is malformed.
@@ -272,7 +273,12 @@ def parse_presets(text: str) -> dict[str, PresetItems]:
         except InvalidParameter as exc:
             raise ValueError(f"preset {name!r}: {exc.detail}") from exc
         presets[name] = items
-    return presets
+    return MappingProxyType(presets)
+
+
+def format_presets(presets: Presets) -> str:
+    """The config syntax of `presets`, which `parse_presets` reads back to the same mapping."""
+    return ";".join(f"{name}:" + "&".join(f"{key}={value}" for key, value in items) for name, items in presets.items())
 
 
 def accept_token(accept: str | None) -> AcceptToken:

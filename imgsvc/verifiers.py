@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import jwt
@@ -19,17 +19,16 @@ from cachetools import TTLCache
 
 from imgsvc.auth import ALL_SCOPES, Principal
 from imgsvc.cache import SingleFlight
+from imgsvc.config import DEFAULT_JWT_ALGORITHMS, JwtAlgorithm
 from imgsvc.errors import Unauthorized, Unavailable
 
 log = logging.getLogger("imgsvc.verifiers")
 
 MAX_TOKEN_LENGTH = 8192
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token
-ASYMMETRIC = {  # algorithm -> the only key type it may be used with (RFC 8725 §3.1)
-    "EdDSA": "OKP",
-    **dict.fromkeys(("ES256", "ES384", "ES512"), "EC"),
-    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), "RSA"),
-}
+KEY_TYPES = {"Ed": "OKP", "ES": "EC", "RS": "RSA", "PS": "RSA"}  # JWA family (RFC 7518 §3.1) -> JWK kty
+# algorithm -> the only key type it may be used with (RFC 8725 §3.1)
+ASYMMETRIC: Mapping[str, str] = {alg: KEY_TYPES[alg[:2]] for alg in get_args(JwtAlgorithm)}
 FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c")  # a token never chooses its own key (RFC 8725 §3.10)
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §2.1
 MIN_KEYS_TTL, MAX_KEYS_TTL = 300.0, 86_400.0  # JWKS Cache-Control max-age is clamped to this range
@@ -171,7 +170,7 @@ class JwksConfig:
     url: str
     issuer: str
     audience: str
-    algorithms: tuple[str, ...] = ("EdDSA", "ES256", "RS256")
+    algorithms: tuple[JwtAlgorithm, ...] = DEFAULT_JWT_ALGORITHMS
     leeway: float = 30.0
     refetch_cooldown: float = 30.0
     stale_for: float = 6 * 3600

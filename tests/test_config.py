@@ -47,7 +47,19 @@ def test_defaults_match_the_design() -> None:
         ("IMGSVC_MAX_PIXELS", "1000000", "max_pixels", 1_000_000),
         ("IMGSVC_MAX_FRAMES", "1", "max_frames", 1),
         ("IMGSVC_MAX_OUTPUT_DIM", "4096", "max_output_dim", 4096),
-        ("IMGSVC_PRESETS", "avatar:w=96&h=96&fit=cover", "presets", "avatar:w=96&h=96&fit=cover"),
+        (
+            "IMGSVC_PRESETS",
+            "avatar:w=96&h=96&fit=cover",
+            "presets",
+            {"avatar": (("w", "96"), ("h", "96"), ("fit", "cover"))},
+        ),
+        (
+            "IMGSVC_PRESETS",
+            "medium:w=300;hero:w=1600",
+            "presets",
+            {"medium": (("w", "300"),), "hero": (("w", "1600"),)},
+        ),
+        ("IMGSVC_AUTH_ALGORITHMS", "ES256, EdDSA,ES256", "auth_algorithms", ("ES256", "EdDSA")),
         ("IMGSVC_LOG_LEVEL", "DEBUG", "log_level", "debug"),
         ("IMGSVC_AUTH", "none", "auth", "none"),
     ],
@@ -72,10 +84,15 @@ def test_all_errors_are_reported_at_once() -> None:
                 "IMGSVC_STORAGE_URL": "ftp://x",
                 "IMGSVC_AUTH": "magic",
                 "IMGSVC_TYPO": "1",
+                "IMGSVC_PRESETS": "hero:w=abc",
+                "IMGSVC_AUTH_ALGORITHMS": "RS256,HS256",
             }
         )
     names = sorted(problem.split(":")[0] for problem in caught.value.problems)
-    assert names == ["IMGSVC_AUTH", "IMGSVC_PORT", "IMGSVC_STORAGE_URL", "IMGSVC_TYPO", "IMGSVC_WORKERS"]
+    assert names == [
+        "IMGSVC_AUTH", "IMGSVC_AUTH_ALGORITHMS", "IMGSVC_PORT", "IMGSVC_PRESETS", "IMGSVC_STORAGE_URL",
+        "IMGSVC_TYPO", "IMGSVC_WORKERS",
+    ]  # fmt: skip
 
 
 def test_auth_none_is_refused_on_a_public_bind() -> None:
@@ -100,11 +117,18 @@ def test_config_check_prints_settings_with_secrets_masked() -> None:
 
 
 def test_config_check_fails_with_every_problem() -> None:
-    result = run_cli("config", "--check", env={"IMGSVC_PORT": "0", "IMGSVC_PRESETS": "bad name:w=1"})
-    assert result.returncode == 2
-    assert "IMGSVC_PORT" in result.stderr
-    bad_preset = run_cli("config", "--check", env={"IMGSVC_PRESETS": "x:w=abc"})
-    assert bad_preset.returncode == 2 and "IMGSVC_PRESETS" in bad_preset.stderr
+    env = {"IMGSVC_PORT": "0", "IMGSVC_PRESETS": "bad name:w=1", "IMGSVC_AUTH_ALGORITHMS": "none"}
+    result = run_cli("config", "--check", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    problems = result.stderr.splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in problems] == [
+        "IMGSVC_PORT",
+        "IMGSVC_AUTH_ALGORITHMS",
+        "IMGSVC_PRESETS",
+    ]
+    assert "malformed preset 'bad name:w=1'" in result.stderr and "'none' is not one of" in result.stderr
+    for command in (("sign", "ID", "p=medium"), ("serve",)):  # the same check before anything else runs
+        assert run_cli(*command, env={**env, "IMGSVC_SIGNING_KEYS": f"k1:{'x' * 32}"}).stderr == result.stderr
 
 
 def test_migrate_is_idempotent(database_url: str) -> None:

@@ -8,8 +8,9 @@ import ast
 from tests.conftest import REPO
 
 LAYERS = [
-    {"errors", "config", "metrics", "logs"},
+    {"errors", "metrics", "logs"},
     {"spec"},
+    {"config"},  # parses presets with spec's rules
     {"structure", "isolation"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations", "geometry"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},

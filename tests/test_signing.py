@@ -12,7 +12,7 @@ import httpx
 import pytest
 import pyvips
 
-from imgsvc.app import load_presets, url_policy
+from imgsvc.app import url_policy
 from imgsvc.auth import Principal
 from imgsvc.catalog import ImageRecord
 from imgsvc.client import RenderUrls
@@ -24,6 +24,7 @@ from imgsvc.signing import DEFAULT_UNSIGNED, UNSIGNED, Grant, Keyring, UnsignedS
 from imgsvc.spec import SpecLimits, parse_query
 from tests.conftest import FLICKR, MainApp, ServerProcess, app_client, with_settings
 from tests.test_auth_http import auth_settings, bearer, upload
+from tests.test_config import run_cli
 
 K1 = ("k1", "k1-secret-0123456789abcdef0123456789")
 K2 = ("k2", "k2-secret-0123456789abcdef0123456789")
@@ -183,8 +184,6 @@ async def test_signed_and_unsigned_renders_over_http(settings, tmp_path: Path) -
 
 
 def test_sign_command_prints_a_url_the_server_accepts() -> None:
-    from tests.test_config import run_cli
-
     env = {"IMGSVC_SIGNING_KEYS": f"{K1[0]}:{K1[1]}", "IMGSVC_PUBLIC_URL": "https://img.example.com"}
     result = run_cli("sign", IMAGE, "w=256&fmt=webp", "--expires-in", "300", env=env)
     assert result.returncode == 0, result.stderr
@@ -264,7 +263,7 @@ def test_a_preset_is_unsigned_however_it_is_spelled() -> None:
 )
 def test_the_unsigned_space_follows_the_settings(env: dict[str, str], allowed: list[str], refused: list[str]) -> None:
     settings = Settings.from_env(env)
-    policy, limits = url_policy(settings, load_presets(settings)), SpecLimits(presets=load_presets(settings))
+    policy, limits = url_policy(settings), SpecLimits(presets=settings.presets)
     for query in allowed:
         assert policy.grant(IMAGE, parse_query(parse_qsl(query), limits)) == UNSIGNED, query
     for query in refused:
@@ -304,7 +303,43 @@ def test_the_client_keeps_unsigned_urls_inside_the_space() -> None:
     assert RenderUrls("https://x", unsigned=custom).url(IMAGE, w=300, q=50).endswith("?q=50&w=300")
 
 
-# --- over HTTP: the blur flood, and render misses per client address ----------------------------------------------
+def test_the_client_follows_the_servers_presets_unsigned() -> None:
+    settings = Settings.from_env({"IMGSVC_PRESETS": "hero:w=1600;medium:w=300"})
+    urls, policy = RenderUrls.from_settings(settings, "https://x"), url_policy(settings)
+    for preset, width in (("hero", 1600), ("medium", 300)):  # neither 1600 nor 300 is an unsigned width
+        url = urls.url(IMAGE, p=preset)
+        assert url == f"https://x/img/{IMAGE}?w={width}"
+        assert policy.grant(IMAGE, parsed(url)) == UNSIGNED
+    with pytest.raises(InvalidParameter) as caught:
+        urls.url(IMAGE, p="thumbnail")  # a default preset these settings no longer define
+    assert caught.value.param == "p" and "available: hero, medium" in caught.value.detail
+
+
+# --- over HTTP: presets signed by `imgsvc sign`, the blur flood, render misses per client address ------------------
+
+
+def test_imgsvc_sign_signs_the_servers_presets(server_env: dict[str, str], tmp_path: Path) -> None:
+    """A custom preset (hero) and a redefined one (medium), signed by the CLI and the client with the server's env."""
+    env = {**server_env, "IMGSVC_PRESETS": "hero:w=1600;medium:w=300&fmt=webp",
+           "IMGSVC_SIGNING_KEYS": f"{K1[0]}:{K1[1]}", "IMGSVC_REQUIRE_SIGNED": "true"}  # fmt: skip
+    server = ServerProcess(env, tmp_path / "server.log").start()
+    try:
+        jpeg = {"Content-Type": "image/jpeg"}
+        image_id = httpx.post(f"{server.url}/images", content=FLICKR.read_bytes(), headers=jpeg).json()["id"]
+        urls = RenderUrls.from_settings(Settings.from_env(env), server.url)
+        for preset, width, media_type in (("hero", 1600, "image/jpeg"), ("medium", 300, "image/webp")):
+            signed = run_cli(
+                "sign", "--base-url", server.url, "--", image_id, f"p={preset}", env=env
+            )  # ids may start with -
+            assert signed.returncode == 0, signed.stderr
+            assert signed.stdout.strip() == urls.url(image_id, p=preset)
+            answer = httpx.get(signed.stdout.strip(), timeout=60)
+            assert (answer.status_code, answer.headers["content-type"]) == (200, media_type), answer.text
+            assert pyvips.Image.new_from_buffer(answer.content, "").width == width
+            unsigned = httpx.get(f"{server.url}/img/{image_id}?p={preset}", timeout=60)
+            assert (unsigned.status_code, unsigned.json()["param"]) == (403, "s")  # the signature was checked
+    finally:
+        server.stop()
 
 
 async def test_forty_distinct_blurs_unsigned_are_refused_before_any_render(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from imgsvc.spec import (
     TransformSpec,
     accept_token,
     choose_output_format,
+    format_presets,
     parse_presets,
     parse_query,
     varies_on_accept,
@@ -278,8 +279,10 @@ def test_render_key_excludes_version() -> None:
 
 
 def test_default_presets_are_valid_config() -> None:
-    text = ";".join(f"{name}:" + "&".join(f"{k}={v}" for k, v in items) for name, items in DEFAULT_PRESETS.items())
+    text = format_presets(DEFAULT_PRESETS)
+    assert text == "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024"
     assert parse_presets(text) == dict(DEFAULT_PRESETS)
+    assert list(parse_presets(text)) == list(DEFAULT_PRESETS)  # the order ?p= names are listed in
 
 
 def test_parse_presets() -> None:
