@@ -92,8 +92,12 @@ def healthcheck(settings: Settings, timeout: float) -> int:
 
 def show_config(settings: Settings) -> int:
     rows = settings.describe()
-    width = max(len(name) for name, _, _ in rows)
-    for name, value, help_text in rows:
+    width = max(len(name) for _, name, _, _ in rows)
+    shown = None
+    for group, name, value, help_text in rows:
+        if group != shown:
+            print(("\n" if shown else "") + f"[{group}]")
+            shown = group
         print(f"{name:<{width}}  {value}\n{'':<{width}}  # {help_text}")
     return 0
 

@@ -1,6 +1,6 @@
 """Settings: one frozen object read from `IMGSVC_*` environment variables.
 
-Every field documents itself (variable, default, help); all errors are reported at once.
+Every field documents itself (variable, group, default, help); all errors are reported at once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from imgsvc.spec import DEFAULT_PRESETS, Presets, format_presets, parse_presets
 
 AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+Group = Literal["server", "storage", "auth", "render", "cache", "limits", "ops"]  # in the order they are shown
 # Asymmetric JWS algorithms only (RFC 8725 §3.1): a token can never be verified with a shared secret.
 JwtAlgorithm = Literal["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("EdDSA", "ES256", "RS256")
@@ -29,8 +30,10 @@ DEFAULT_UNSIGNED_QUALITIES = (60, 75, 85)
 MiB = 1024 * 1024
 
 
-def _setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, secret: bool = False) -> Any:
-    metadata = {"help": help, "parse": parse, "secret": secret}
+def _setting(
+    default: Any, help: str, *, group: Group, parse: Callable[[str], Any] | None = None, secret: bool = False
+) -> Any:
+    metadata = {"help": help, "group": group, "parse": parse, "secret": secret}
     if isinstance(default, Mapping):  # read-only (presets), but dataclasses refuse any unhashable default
         return field(default_factory=lambda: default, hash=False, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -154,162 +157,202 @@ def _public_url(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = _setting("127.0.0.1", "Bind address of the HTTP server.")
-    port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535))
+    host: str = _setting("127.0.0.1", "Bind address of the HTTP server.", group="server")
+    port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535), group="server")
     forwarded_allow_ips: str = _setting(
         "127.0.0.1",
         "Proxies (comma-separated addresses, or *) whose X-Forwarded-For/-Proto are trusted.",
+        group="server",
     )
     data_dir: Path = _setting(
         Path("./imgsvc-data"),
         "Where the embedded defaults keep their state (Postgres, blobs).",
         parse=Path,
+        group="storage",
     )
     database_url: str | None = _setting(
         None,
         "Postgres DSN; unset starts a private embedded Postgres in the data dir.",
         parse=_database_url,
         secret=True,
+        group="storage",
     )
     storage_url: str | None = _setting(
         None,
         "Blob store: file:///path, s3://bucket/prefix, or postgres: (bytea rows in the catalog "
         "database); unset means file://<data dir>/blobs.",
         parse=_storage_url,
+        group="storage",
     )
-    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint (unset: AWS S3).", parse=_url)
-    s3_region: str | None = _setting(None, "S3 region (unset: AWS_REGION / AWS_DEFAULT_REGION / AWS config).")
-    s3_access_key_id: str | None = _setting(None, "S3 access key (unset: the usual AWS credential chain).")
+    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint (unset: AWS S3).", parse=_url, group="storage")
+    s3_region: str | None = _setting(
+        None, "S3 region (unset: AWS_REGION / AWS_DEFAULT_REGION / AWS config).", group="storage"
+    )
+    s3_access_key_id: str | None = _setting(
+        None, "S3 access key (unset: the usual AWS credential chain).", group="storage"
+    )
     s3_secret_access_key: str | None = _setting(None, "S3 secret key (unset: the usual AWS credential chain).",
-                                                secret=True)  # fmt: skip
+                                                secret=True, group="storage")  # fmt: skip
     s3_path_style: bool = _setting(
         False,
         "Path-style S3 addressing (http://host/bucket/key), which most S3-compatible stores need.",
         parse=_bool,
+        group="storage",
     )
     public_url: str | None = _setting(
         None,
         "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.",
         parse=_public_url,
+        group="server",
     )
     auth: AuthMode = _setting(
         "none",
         "Token verification: introspect (ask the main app), jwks (verify locally with its keys), or none "
         "(every caller is 'anonymous'; loopback only).",
         parse=_choice(get_args(AuthMode)),
+        group="auth",
     )
-    auth_introspect_url: str | None = _setting(None, "The main app's RFC 7662 introspection endpoint.", parse=_url)
-    auth_client_id: str | None = _setting(None, "Client id imgsvc presents to the introspection endpoint.")
+    auth_introspect_url: str | None = _setting(
+        None, "The main app's RFC 7662 introspection endpoint.", parse=_url, group="auth"
+    )
+    auth_client_id: str | None = _setting(
+        None, "Client id imgsvc presents to the introspection endpoint.", group="auth"
+    )
     auth_client_secret: str | None = _setting(
-        None, "Client secret imgsvc presents to the introspection endpoint.", secret=True
+        None, "Client secret imgsvc presents to the introspection endpoint.", secret=True, group="auth"
     )
     auth_cache_ttl: float = _setting(
         60.0,
         "Longest time an active introspection answer is reused (also capped by the token's exp).",
         parse=_float(1, 3600),
+        group="auth",
     )
-    auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=_url)
-    auth_issuer: str | None = _setting(None, "Required `iss` of tokens (auth=jwks).")
+    auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=_url, group="auth")
+    auth_issuer: str | None = _setting(None, "Required `iss` of tokens (auth=jwks).", group="auth")
     auth_audience: str | None = _setting(
-        None, "Required `aud` of tokens: this service's name at the main app (required for jwks)."
+        None, "Required `aud` of tokens: this service's name at the main app (required for jwks).", group="auth"
     )
     auth_algorithms: tuple[JwtAlgorithm, ...] = _setting(
         DEFAULT_JWT_ALGORITHMS,
         "Accepted JWT algorithms, asymmetric only (auth=jwks).",
         parse=_algorithms,
+        group="auth",
     )
     upload_rate: int = _setting(
         60,
         "Uploads per minute per subject (bursts up to the same number); 0 disables the limit.",
         parse=_int(0, 1_000_000),
+        group="limits",
     )
     signing_keys: tuple[tuple[str, str], ...] = _setting(
         (),
         "Render URL signing keys as kid:secret,...; the first signs, all verify.",
         parse=_signing_keys,
         secret=True,
+        group="auth",
     )
-    require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=_bool)
+    require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=_bool, group="auth")
     unsigned_widths: tuple[int, ...] | None = _setting(
         DEFAULT_WIDTHS,
         "Sizes (w or h, after dpr) an unsigned URL may ask for, comma-separated; * allows any within limits.",
         parse=_widths,
+        group="auth",
     )
     workers: int = _setting(
         (os.cpu_count() or 1) + 1,
         "Render worker threads (concurrent renders); one more than the cores keeps them busy while a render "
         "waits on Python or I/O.",
         parse=_int(1, 256),
+        group="render",
     )
     render_queue: int = _setting(
         64,
         "Renders that may wait for a worker; beyond this a render is refused with 503.",
         parse=_int(0, 100_000),
+        group="render",
     )
-    render_timeout: float = _setting(10.0, "Deadline of one render in seconds.", parse=_float(0.1, 600))
-    cache_bytes: int = _setting(256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0))
+    render_timeout: float = _setting(10.0, "Deadline of one render in seconds.", parse=_float(0.1, 600), group="render")
+    cache_bytes: int = _setting(
+        256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0), group="cache"
+    )
     originals_cache_bytes: int = _setting(
-        64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0)
+        64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0), group="cache"
     )
     decoded_cache_bytes: int = _setting(
         128 * MiB,
         "Budget in bytes of the LRU of decoded JPEG/PNG originals (one entry per JPEG scale), so that more "
         "sizes of a recent original skip its decode; 0 disables it. Larger decodes than a quarter are not kept.",
         parse=_int(0),
+        group="cache",
     )
-    max_upload_bytes: int = _setting(25_000_000, "Largest accepted upload body in bytes.", parse=_int(1))
+    max_upload_bytes: int = _setting(
+        25_000_000, "Largest accepted upload body in bytes.", parse=_int(1), group="limits"
+    )
     upload_idle_timeout: float = _setting(
         30.0,
         "An upload whose body stops arriving for this many seconds is answered 408.",
         parse=_float(0.1, 3600),
+        group="limits",
     )
     max_pixels: int = _setting(
-        50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1)
+        50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1), group="limits"
     )
-    max_frames: int = _setting(100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000))
-    max_output_dim: int = _setting(8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535))
+    max_frames: int = _setting(
+        100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000), group="limits"
+    )
+    max_output_dim: int = _setting(
+        8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535), group="render"
+    )
     gc_grace_days: float = _setting(
         7.0,
         "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
         parse=_float(0, 3650),
+        group="ops",
     )
     gc_interval: float = _setting(
         0.0,
         "Seconds between garbage collections run by the service itself; 0 leaves it to `imgsvc gc`.",
         parse=_float(0, 30 * 86400),
+        group="ops",
     )
     presets: Presets = _setting(
         DEFAULT_PRESETS,
         "Named render presets as name:query;name:query (?p=name).",
         parse=parse_presets,
+        group="render",
     )
     drain_seconds: float = _setting(
         0.0,
         "After SIGTERM, seconds /readyz answers 503 while requests are still served (load balancer drain).",
         parse=_float(0, 600),
+        group="server",
     )
     shutdown_timeout: float = _setting(
         20.0,
         "Then, seconds in-flight requests get to finish before the process stops.",
         parse=_float(0, 600),
+        group="server",
     )
     access_log: bool = _setting(
         True,
         "One JSON access-log line per request (behind nginx, which logs too, off gains ~40% on LRU hits).",
         parse=_bool,
+        group="ops",
     )
-    log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)))
+    log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)), group="ops")
     database_timeout: float = _setting(
         5.0,
         "Seconds a catalog query, or the wait for a database connection, may take before the request is answered "
         "503 /problems/unavailable (migrations are not bound by it).",
         parse=_float(0.1, 600),
+        group="storage",
     )
     record_ttl: float = _setting(
         30.0,
         "Seconds a replica trusts an image record it read (deletes evict it at once); during a database outage, "
         "renders of images whose record was read less than this long ago are still served.",
         parse=_float(0, 3600),
+        group="cache",
     )
 
     unsigned_qualities: tuple[int, ...] | None = _setting(
@@ -317,33 +360,39 @@ class Settings:
         "Values of q an unsigned URL may ask for (a format's default quality needs no q), comma-separated; "
         "* allows 1..100.",
         parse=_any_or(_int(1, 100)),
+        group="auth",
     )
     unsigned_formats: tuple[str, ...] | None = _setting(
         UNSIGNED_FORMATS,
         "Values of fmt an unsigned URL may ask for, comma-separated; * allows every format.",
         parse=_any_or(_member(UNSIGNED_FORMATS)),
+        group="auth",
     )
     unsigned_gravities: tuple[str, ...] | None = _setting(
         UNSIGNED_GRAVITIES,
         "Values of g an unsigned URL may ask for, comma-separated; * also allows smart and entropy (which analyse "
         "the pixels).",
         parse=_any_or(_member((*UNSIGNED_GRAVITIES, "smart", "entropy"))),
+        group="auth",
     )
     unsigned_effects: bool = _setting(
         False,
         "Unsigned URLs may also set blur and bg (any value, each a new render); presets always may.",
         parse=_bool,
+        group="auth",
     )
     render_rate: int = _setting(
         120,
         "Render misses per minute per client address (after a trusted proxy's X-Forwarded-For); 0 disables "
         "the limit; images:admin tokens are exempt.",
         parse=_int(0, 1_000_000),
+        group="limits",
     )
     render_burst: int = _setting(
         30,
         "Render misses one client address may make at once before IMGSVC_RENDER_RATE applies.",
         parse=_int(1, 1_000_000),
+        group="limits",
     )
     max_jpeg_scans: int = _setting(
         100,
@@ -351,58 +400,69 @@ class Settings:
         "scan over the whole image, so 10,000 empty scans in 474 KB cost ~16 s of CPU. Ordinary progressive JPEGs "
         "have 6-10; libtiff stops a JPEG inside a TIFF at 100 scans too.",
         parse=_int(1, 1_000_000),
+        group="limits",
     )
     max_png_chunks: int = _setting(
         10_000,
         "Most PNG chunks (25 MB written in libpng's 8 KiB IDAT chunks are ~3,100; walking 10,000 takes ~3 ms).",
         parse=_int(3, 10_000_000),
+        group="limits",
     )
     max_png_text_bytes: int = _setting(
         8_000_000,
         "Most bytes of PNG text (tEXt, zTXt, iTXt), summed and decompressed (a zTXt bomb is stopped there).",
         parse=_int(0),
+        group="limits",
     )
     isolate_pixels: int = _setting(
         16_000_000,
         "WebP, AVIF and HEIF frames of more pixels are decoded in a child process killed at the deadline: their "
         "decoders cannot be interrupted (a 16 MP frame overshoots a deadline by ~0.7 s in-process); 0 isolates all.",
         parse=_int(0),
+        group="render",
     )
     header_timeout: float = _setting(
         10.0,
         "Seconds a client has to send a request's complete headers, counted from the connection's start or the "
         "request's first byte; then 408 and the connection is closed.",
         parse=_float(0.5, 600),
+        group="limits",
     )
     body_min_rate: int = _setting(
         1024,
         "Least upload rate in bytes per second, averaged over each IMGSVC_BODY_RATE_WINDOW; a slower body gets "
         "408. 0 leaves only IMGSVC_UPLOAD_IDLE_TIMEOUT.",
         parse=_int(0, 1_000_000_000),
+        group="limits",
     )
     body_rate_window: float = _setting(
-        10.0, "Seconds over which IMGSVC_BODY_MIN_RATE is averaged.", parse=_float(0.5, 600)
+        10.0, "Seconds over which IMGSVC_BODY_MIN_RATE is averaged.", parse=_float(0.5, 600), group="limits"
     )
     max_connections: int = _setting(
         1000,
         "Most open client connections; one more is answered 503 and closed at once, so that clients cannot "
         "exhaust file descriptors.",
         parse=_int(1, 1_000_000),
+        group="limits",
     )
     backlog: int = _setting(
         2048,
         "Listen backlog: connections the kernel queues before imgsvc accepts them (capped by net.core.somaxconn).",
         parse=_int(1, 65_535),
+        group="server",
     )
-    s3_connect_timeout: float = _setting(2.0, "Seconds to open a connection to S3, per attempt.", parse=_float(0.1, 60))
+    s3_connect_timeout: float = _setting(
+        2.0, "Seconds to open a connection to S3, per attempt.", parse=_float(0.1, 60), group="storage"
+    )
     s3_read_timeout: float = _setting(
         5.0,
         "Seconds S3 may stay silent while answering (per read, per attempt).",
         parse=_float(0.1, 300),
+        group="storage",
     )
     s3_max_attempts: int = _setting(
         3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
-        "them the request answers 503.", parse=_int(1, 10),
+        "them the request answers 503.", parse=_int(1, 10), group="storage",
     )  # fmt: skip
 
     @property
@@ -458,14 +518,17 @@ class Settings:
             problems.append("IMGSVC_REQUIRE_SIGNED: needs IMGSVC_SIGNING_KEYS")
         return problems
 
-    def describe(self) -> list[tuple[str, str, str]]:
-        """(variable, effective value with secrets masked, help) for every setting."""
+    def describe(self) -> list[tuple[Group, str, str, str]]:
+        """(group, variable, effective value with secrets masked, help) for every setting, group by group."""
         rows = []
-        for f in fields(self):
+        for f in sorted(fields(self), key=lambda f: GROUPS.index(f.metadata["group"])):
             value = getattr(self, f.name)
             shown = _mask(str(value)) if f.metadata["secret"] and value else _show(value)
-            rows.append((env_name(f.name), shown, f.metadata["help"]))
+            rows.append((f.metadata["group"], env_name(f.name), shown, f.metadata["help"]))
         return rows
+
+
+GROUPS: tuple[Group, ...] = get_args(Group)
 
 
 class ConfigError(Exception):

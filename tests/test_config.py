@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsvc.config import ConfigError, Settings, env_name
+from imgsvc.config import GROUPS, ConfigError, Settings, env_name
 from tests.conftest import REPO
 
 
@@ -68,11 +68,35 @@ def test_every_variable_is_read(variable: str, value: str, field: str, expected:
     assert getattr(Settings.from_env({variable: value}), field) == expected
 
 
-def test_every_setting_is_covered_by_the_table_above_and_the_readme() -> None:
-    readme = (REPO / "README.md").read_text()
+def readme_groups() -> dict[str, str]:
+    """Variable -> the sub-heading of README's configuration table it is listed under (lowercased)."""
+    section = (REPO / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    found: dict[str, str] = {}
+    for heading, body in re.findall(r"^### (\w+)\n(.*?)(?=^### |\Z)", section, re.M | re.S):
+        for variable in re.findall(r"^\| `(IMGSVC_\w+)` \|", body, re.M):
+            assert variable not in found, f"{variable} is listed twice in README.md"
+            found[variable] = heading.lower()
+    return found
+
+
+def test_every_setting_is_in_its_group_in_the_readme_table() -> None:
+    documented = readme_groups()
     for f in fields(Settings):
-        assert f"`{env_name(f.name)}`" in readme, f"{env_name(f.name)} is not documented in README.md"
-        assert f.metadata["help"]
+        assert f.metadata["help"] and f.metadata["group"] in GROUPS
+        assert documented.get(env_name(f.name)) == f.metadata["group"], f"{env_name(f.name)} in README.md"
+    assert set(documented) == {env_name(f.name) for f in fields(Settings)}
+
+
+def test_config_check_lists_every_setting_in_its_group() -> None:
+    result = run_cli("config", "--check", env={})
+    assert result.returncode == 0, result.stderr
+    headings = re.findall(r"^\[(\w+)\]$", result.stdout, re.M)
+    assert headings == list(GROUPS)
+    shown = {}
+    for heading, body in re.findall(r"^\[(\w+)\]\n(.*?)(?=^\[|\Z)", result.stdout, re.M | re.S):
+        shown.update(dict.fromkeys(re.findall(r"^(IMGSVC_\w+) ", body, re.M), heading))
+    assert shown == {env_name(f.name): f.metadata["group"] for f in fields(Settings)}
+    assert "IMGSVC_PRESETS" in result.stdout and "medium:w=256;" in result.stdout
 
 
 def test_all_errors_are_reported_at_once() -> None:
