@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from imgsvc.spec import DEFAULT_PRESETS, Presets, format_presets, parse_presets
+from imgsvc.errors import InvalidParameter
+from imgsvc.spec import DEFAULT_PRESETS, Presets, SpecLimits, format_presets, parse_presets, parse_query
 
 AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -516,6 +517,11 @@ class Settings:
             )
         if self.require_signed and not self.signing_keys:
             problems.append("IMGSVC_REQUIRE_SIGNED: needs IMGSVC_SIGNING_KEYS")
+        for name, items in self.presets.items():  # parse_presets checked them against the default maximum
+            try:
+                parse_query(items, SpecLimits(max_output_dim=self.max_output_dim, presets={}))
+            except InvalidParameter as exc:
+                problems.append(f"IMGSVC_PRESETS: preset {name!r}: {exc.detail} (IMGSVC_MAX_OUTPUT_DIM)")
         return problems
 
     def describe(self) -> list[tuple[Group, str, str, str]]:

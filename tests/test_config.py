@@ -119,6 +119,23 @@ def test_all_errors_are_reported_at_once() -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"IMGSVC_MAX_OUTPUT_DIM": "4096", "IMGSVC_PRESETS": "big:w=5000"}, "preset 'big': w must be"),
+        ({"IMGSVC_MAX_OUTPUT_DIM": "600", "IMGSVC_PRESETS": "big:w=300&dpr=2.5"}, "preset 'big': 300 × dpr 2.5 = 750"),
+        ({"IMGSVC_MAX_OUTPUT_DIM": "512"}, "preset 'full': w must be a width in pixels: a decimal integer 1..512"),
+    ],
+)
+def test_presets_must_fit_the_output_limit(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.problems[0].startswith(f"IMGSVC_PRESETS: {problem}")
+    assert caught.value.problems[0].endswith("(IMGSVC_MAX_OUTPUT_DIM)")
+    fitting = Settings.from_env({**env, "IMGSVC_PRESETS": "big:w=300&dpr=2", "IMGSVC_MAX_OUTPUT_DIM": "600"})
+    assert fitting.presets == {"big": (("w", "300"), ("dpr", "2"))}
+
+
 def test_auth_none_is_refused_on_a_public_bind() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         Settings.from_env({"IMGSVC_HOST": "0.0.0.0"})
