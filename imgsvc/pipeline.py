@@ -1,7 +1,7 @@
 """pyvips: `probe(bytes)` validates an original, `render(bytes, spec, fmt)` makes one variant.
 
 Synchronous, for worker threads; state: the optional shared cache of decoded sources, child decode processes.
-`configure_libvips()` (imgsvc.vips_setup) runs first, once.
+`configure_libvips()` (imgsvc.vips_hardening) runs first, once.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import pyvips
 
 from imgsvc import geometry, isolation, metrics, structure
 from imgsvc.cache import SharedByteLRU
+from imgsvc.deadline import Deadline
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
+from imgsvc.sniffing import EXPECTED_LOADER, sniff_format
 from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
-from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
+from imgsvc.vips_hardening import configure_libvips
 
 log = logging.getLogger("imgsvc.pipeline")
 
