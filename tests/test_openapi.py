@@ -110,6 +110,7 @@ def fuzz_target(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "IMGSVC_DATA_DIR": str(workdir),
         "IMGSVC_WORKERS": "2",
         "IMGSVC_MAX_OUTPUT_DIM": "1024",  # the largest default preset; the document follows it
+        "IMGSVC_RENDER_TIMEOUT": "60",  # a busy machine must not turn a slow blur into a 503
     }
     server = ServerProcess(env, workdir / "server.log").start()
     try:
