@@ -31,7 +31,7 @@ lint: $(VENV)/.test-deps
 bench: $(VENV)/.test-deps
 	command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx)
 	cd benchmarks && ../$(BIN)/python foundation.py
-	cd benchmarks && ../$(BIN)/python render.py
+	cd benchmarks && ../$(BIN)/python latency.py
 	cd benchmarks && ../$(BIN)/python auth.py
 	cd benchmarks && ../$(BIN)/python replicas.py
 	cd benchmarks && ../$(BIN)/python storage.py

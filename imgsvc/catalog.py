@@ -187,6 +187,12 @@ def _closed(connection: asyncpg.Connection | None) -> bool:
 
 
 class Catalog:
+    """The `images` table: one record per upload (its bytes' sha256, owner, visibility, probed size), read
+    by id and listed per owner newest first; a delete is soft and announced to every replica on commit.
+
+    Uploads and blob garbage collection of the same sha256 serialise on its advisory lock (`blob_lock`).
+    """
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 

@@ -1,7 +1,7 @@
 """pyvips: `probe(bytes)` validates an original, `render(bytes, spec, fmt)` makes one variant.
 
 Synchronous, for worker threads; state: the optional shared cache of decoded sources, child decode processes.
-`configure_libvips()` (imgsvc.vips_setup) runs first, once.
+`configure_libvips()` (imgsvc.vips_hardening) runs first, once.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import pyvips
 
 from imgsvc import geometry, isolation, metrics, structure
 from imgsvc.cache import SharedByteLRU
+from imgsvc.deadline import Deadline
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
+from imgsvc.sniffing import EXPECTED_LOADER, sniff_format
 from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
-from imgsvc.vips_setup import EXPECTED_LOADER, Deadline, configure_libvips, sniff_format
+from imgsvc.vips_hardening import configure_libvips
 
 log = logging.getLogger("imgsvc.pipeline")
 
@@ -39,24 +41,7 @@ __all__ = [
 # Bump the leading number whenever output bytes could change (encoder settings, geometry, colour handling).
 PIPELINE_VERSION = f"2-vips{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
 
-# Encoder speed settings, measured on this machine (2 cores, libvips 8.18.7) encoding the 4000x3000 photo
-# resized to 640x480 (in brackets: 1280x960), median of 3-5 runs, size and PSNR against the resized input:
-#   jpeg Q80 optimize_coding   3 ms, 65.7 KiB, 34.1 dB (13 ms); without optimize_coding 1.4 ms and 1.5% larger.
-#   webp Q80 effort 2         16 ms, 55.5 KiB, 35.0 dB (57 ms, 182 KiB)
-#   webp Q80 effort 3         33 ms, 53.8 KiB, 35.2 dB (141 ms, 176 KiB)
-#   webp Q80 effort 4         33 ms, 53.9 KiB, 35.3 dB (152 ms, 176 KiB)   <- chosen: libwebp's default method,
-#                                                                             no slower than 3, 3% under 2
-#   avif Q50 effort 0/1/2     14/43/76 ms, 28.2/27.0/27.1 KiB, 31.8/31.9/32.1 dB (42/120/208 ms)
-#   avif Q50 effort 3        132 ms, 26.2 KiB, 32.3 dB (355 ms, 89 KiB; full 4000x3000: 2.7 s vs 2.0 s at 2)
-#   avif Q50 effort 4        462 ms, 26.2 KiB, 32.5 dB (1.4 s)   -- the cliff: 3.5-4x effort 3 for <1%
-#   In CPU time (libaom is multi-threaded), 640 px, SSIM as in benchmarks/peers: effort 1/2/3/4 use
-#   85/113/222/923 ms for 27,642/27,800/26,877/26,834 B, SSIM 0.910/0.914/0.918/0.920.  <- 2: effort 3
-#   costs twice the CPU (and the first request's latency) for 3.4% fewer bytes; AVIF is what most
-#   browsers get from fmt=auto, so its cost is most of an origin's. (thumbor: speed 6 = effort 3;
-#   imgproxy's default speed 8 = effort 1.)
-#   png compression 1/6/9     11/19/26 ms (RGB photo); RGBA paper 640px: 6 -> 8.5 ms, 9 -> 43 ms  <- 6
-#   gif (libvips defaults)   525 ms for the photo at 640x480: quantisation dominates; left at the default.
-# Variants are rendered once and then cached (LRU, nginx, CDN), so bytes win over CPU up to each cliff.
+# Encoder settings: measured speed, size and quality per effort in benchmarks/results/encoders.md.
 _WEBP_EFFORT = 4
 _WEBP_MAX_DIMENSION = 16383  # libwebp's limit
 _AVIF_EFFORT = 2

@@ -22,6 +22,7 @@ from imgsvc import pipeline
 from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
 from imgsvc.errors import BadRequest, InvalidParameter, PayloadTooLarge, RequestTimeout, UnsupportedFormat
 from imgsvc.idempotency import Claim, IdempotencyKeys, KeyScope, Replay
+from imgsvc.sniffing import sniff_format
 from imgsvc.storage import BlobStore, blob_key
 from imgsvc.workers import WorkerPool
 
@@ -262,7 +263,7 @@ class Ingest:
         repeating an earlier one's `retry_key` (same owner, bytes and options) gets that request's image."""
         if not body.data:
             raise BadRequest("the upload is empty")
-        if pipeline.sniff_format(body.data[:32]) is None:
+        if sniff_format(body.data[:32]) is None:
             raise UnsupportedFormat("not a JPEG, PNG, WebP, GIF, AVIF/HEIF or TIFF image (checked by its bytes)")
         sha256 = hashlib.sha256(body.data).hexdigest()
         filename = sanitize_filename(body.filename)

@@ -29,9 +29,9 @@ def find_nginx() -> str | None:
     return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
 
 
-def render_module() -> ModuleType:
-    """nginx/render.py, loaded by path (nginx/ is not a Python package)."""
-    spec = importlib.util.spec_from_file_location("imgsvc_nginx_render", NGINX_DIR / "render.py")
+def config_builder() -> ModuleType:
+    """nginx/build_config.py, loaded by path (nginx/ is not a Python package)."""
+    spec = importlib.util.spec_from_file_location("imgsvc_nginx_build_config", NGINX_DIR / "build_config.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -82,7 +82,7 @@ class NginxProcess:
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
-        self.conf.write_text(render_module().render(self.values))
+        self.conf.write_text(config_builder().build(self.values))
         return self.conf
 
     def command(self, *extra: str) -> list[str]:

@@ -61,11 +61,11 @@ def test_the_compose_file_describes_a_valid_scaled_out_deployment() -> None:
 
 
 def test_the_compose_nginx_config_is_the_template_pointed_at_the_imgsvc_service() -> None:
-    from tests.nginx_process import render_module
+    from tests.nginx_process import config_builder
 
     mount = COMPOSE["services"]["nginx"]["volumes"][0].split(":")[0]
     values = {"UPSTREAM": "imgsvc:8080", "USER": "nginx", "ERROR_LOG": "/dev/stderr", "ACCESS_LOG": "/dev/stdout"}
-    assert (REPO / mount).read_text() == render_module().render(values)
+    assert (REPO / mount).read_text() == config_builder().build(values)
 
 
 def test_healthcheck_command_follows_readiness(server_env: dict[str, str], tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,8 @@ LAYERS = [
     {"spec"},
     {"config"},  # parses presets with spec's rules
     {"structure", "isolation"},
-    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "vips_setup", "migrations", "geometry"},
+    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry"},
+    {"sniffing", "vips_hardening", "deadline"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
     {"auth", "upload", "gc"},
     {"verifiers", "render", "invalidation", "importer"},

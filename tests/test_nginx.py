@@ -20,7 +20,7 @@ import pytest
 
 from imgsvc.client import RenderUrls
 from tests.conftest import FLICKR, PHOTO, ServerProcess
-from tests.nginx_process import NGINX_DIR, NginxProcess, loopback_values, render_module
+from tests.nginx_process import NGINX_DIR, NginxProcess, config_builder, loopback_values
 
 StartNginx = Callable[..., NginxProcess]
 PER_REQUEST = {"date", "x-request-id", "x-cache-status"}  # headers that differ between two answers of one entry
@@ -78,12 +78,12 @@ def stable(response: httpx.Response) -> dict[str, str]:
 
 
 def test_checked_in_config_is_the_rendering_of_the_template() -> None:
-    assert (NGINX_DIR / "nginx.conf").read_text() == render_module().render(), "run: python nginx/render.py"
+    assert (NGINX_DIR / "nginx.conf").read_text() == config_builder().build(), "run: python nginx/build_config.py"
 
 
 def test_render_refuses_unknown_names() -> None:
     with pytest.raises(KeyError, match="LISTN"):
-        render_module().render(LISTN="80")
+        config_builder().build(LISTN="80")
 
 
 def test_shipped_config_passes_nginx_t(nginx_bin: str, tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_shipped_config_passes_nginx_t(nginx_bin: str, tmp_path: Path) -> None:
         conf = tmp_path / "nginx.conf"
         (tmp_path / "tmp").mkdir()
         values = loopback_values(tmp_path, listen="127.0.0.1:1", render_listen="127.0.0.1:2", upstream="127.0.0.1:3")
-        conf.write_text(render_module().render({k: v for k, v in values.items() if "LISTEN" not in k}))
+        conf.write_text(config_builder().build({k: v for k, v in values.items() if "LISTEN" not in k}))
     result = subprocess.run([nginx_bin, "-t", "-e", "stderr", "-c", str(conf)],
                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -217,7 +217,7 @@ def test_head_and_conditional_requests_through_the_cache(http: httpx.Client, ori
 
 # ---- validity: revalidation, and how long a deleted image may still be served ----------------
 
-VALIDITY = 2  # seconds; production: 10m (CACHE_VALID in nginx/render.py)
+VALIDITY = 2  # seconds; production: 10m (CACHE_VALID in nginx/build_config.py)
 # nginx keeps time in whole seconds: an entry is served for VALIDITY plus at most one second.
 BOUND = VALIDITY + 1
 

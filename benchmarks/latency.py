@@ -1,4 +1,4 @@
-"""Render figures for 2569067123_aca715a2ee_o.jpg (2725x2225) -> 256-px WebP and -> 1024-px JPEG:
+"""Latency of one variant for 2569067123_aca715a2ee_o.jpg (2725x2225) -> 256-px WebP and -> 1024-px JPEG:
 p50 through HTTP on a miss and on an LRU hit, LRU-hit requests/s at 32 connections (wrk), and the
 same render in-process with no HTTP (imgsvc's pipeline, and pyvips defaults): the floor.
 

@@ -1,7 +1,7 @@
-"""Render nginx/imgsvc.conf.template into nginx/nginx.conf (production values), or with overrides.
+"""Build nginx/nginx.conf from nginx/imgsvc.conf.template (production values), or with overrides.
 
 Only upper-case `${NAME}`s are substituted, so nginx's own `$variables` pass through untouched.
-Usage: python nginx/render.py [--set NAME=VALUE ...] [-o PATH | -o -] [--check]
+Usage: python nginx/build_config.py [--set NAME=VALUE ...] [-o PATH | -o -] [--check]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "imgsvc.conf.template"
 CONFIG = HERE / "nginx.conf"
 
-BANNER = "# GENERATED from imgsvc.conf.template by `python nginx/render.py`: edit the template, not this file.\n"
+BANNER = "# GENERATED from imgsvc.conf.template by `python nginx/build_config.py`: edit the template, not this file.\n"
 
 PRODUCTION: Mapping[str, str] = {
     "USER": "www-data",  # Debian's nginx user ("nginx" in the official nginx image)
@@ -48,7 +48,7 @@ class ConfTemplate(string.Template):
     """
 
 
-def render(values: Mapping[str, str] | None = None, **overrides: str) -> str:
+def build(values: Mapping[str, str] | None = None, **overrides: str) -> str:
     """The template with PRODUCTION values updated by `values` and `overrides`; every name must be known and used."""
     merged = {**PRODUCTION, **(values or {}), **overrides}
     template = ConfTemplate(TEMPLATE.read_text())
@@ -64,16 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a value")
     parser.add_argument("-o", "--output", default=str(CONFIG), help="where to write ('-' for stdout)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the output file differs from the rendering")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the output file differs from the built config")
     args = parser.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
     if len(overrides) != len(args.set):
         parser.error("--set takes NAME=VALUE")
-    text = render(overrides)
+    text = build(overrides)
     if args.check:
         current = Path(args.output).read_text() if Path(args.output).exists() else ""
         if current != text:
-            print(f"{args.output} is out of date: run python nginx/render.py", file=sys.stderr)
+            print(f"{args.output} is out of date: run python nginx/build_config.py", file=sys.stderr)
             return 1
         return 0
     if args.output == "-":
