@@ -47,7 +47,7 @@ class RequestContext:
         self.app = app
         self.hits = hits
         self.access_log = access_log
-        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,10 +111,14 @@ class RequestContext:
     def _finish(self, scope: Scope, route: str, status: int, started: float, received: int, sent: int,
                 rid: str) -> None:  # fmt: skip
         elapsed = time.perf_counter() - started
-        labels = (route, scope["method"], metrics.status_class(status))
+        labels = (route, scope["method"], status)
         children = self._children.get(labels)
-        if children is None:  # bounded: routes x methods x status classes
-            children = metrics.requests_total.labels(*labels), metrics.request_seconds.labels(route, labels[2])
+        if children is None:  # bounded: routes x methods x statuses
+            status_class = metrics.status_class(status)
+            children = (
+                metrics.requests_total.labels(route, scope["method"], status_class),
+                metrics.request_seconds.labels(route, status_class),
+            )
             self._children[labels] = children
         children[0].inc()
         children[1].observe(elapsed)
