@@ -161,6 +161,8 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()
         stack.push_async_callback(listener.stop)
+        # The caches outlive this lifespan (built in create_app): once it ends, deletes are no longer heard.
+        stack.callback(renderer.trust_records, False)
         grace = timedelta(days=settings.gc_grace_days)
         await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval))
         yield Services(

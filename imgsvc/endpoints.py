@@ -196,7 +196,8 @@ async def render_image(request: Request) -> Response:
         key = request_key(request.scope["path"], request.scope["query_string"], request.headers.get("accept"))
         svc.hits.store(key, result.image.id, result.variant_key, result.stamp,
                        variant_headers(result, cache_status="hit", length=None, now=now))  # fmt: skip
-    headers = variant_headers(result, cache_status=result.outcome, length=len(result.data), now=now)
+    cache_status = "hit" if result.outcome == "hit" else "miss"
+    headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now)
     return _Prebuilt(200, headers, b"" if request.method == "HEAD" else result.data)
 
 
