@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from imgsvc import endpoints, pipeline
 from imgsvc.auth import NoAuth, Verifier
+from imgsvc.cache import ByteLRU
 from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres, supervised
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
 from imgsvc.headers import error_cache_control
+from imgsvc.hits import HitIndex
 from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.invalidation import DeleteListener
-from imgsvc.middleware import RequestContext
+from imgsvc.middleware import RENDER_PREFIX, RENDER_ROUTE, RequestContext, context_headers
 from imgsvc.ratelimit import RateLimiter
+from imgsvc.records import RecordCache
 from imgsvc.render import Renderer
 from imgsvc.services import Services
 from imgsvc.signing import Keyring, UnsignedSpace, UrlPolicy
@@ -116,7 +121,7 @@ async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, 
 
 
 @contextlib.asynccontextmanager
-async def build_services(settings: Settings) -> AsyncIterator[Services]:
+async def build_services(settings: Settings, hits: HitIndex, draining: threading.Event) -> AsyncIterator[Services]:
     """Start every dependency in order and stop them in reverse, whatever happens in between."""
     version = pipeline.configure_libvips()
     log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
@@ -132,14 +137,16 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             pool=pool,
             policy=url_policy(settings),
             limits=limits,
-            variant_cache_bytes=settings.cache_bytes,
+            records=hits.records,
+            hits=hits,
             original_cache_bytes=settings.originals_cache_bytes,
             decoded_cache_bytes=settings.decoded_cache_bytes,
-            record_ttl=settings.record_ttl,
         )
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()
         stack.push_async_callback(listener.stop)
+        # The caches outlive this lifespan (built in create_app): once it ends, deletes are no longer heard.
+        stack.callback(renderer.trust_records, False)
         grace = timedelta(days=settings.gc_grace_days)
         await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval))
         yield Services(
@@ -148,16 +155,18 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             store=store,
             verifier=verifier,
             renderer=renderer,
+            hits=hits,
             ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool)),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=settings.presets),
             upload_limiter=RateLimiter(settings.upload_rate),
             render_limiter=RateLimiter(settings.render_rate, settings.render_burst, what="render misses"),
             listener=listener,
+            draining=draining,
         )
 
 
 async def handle_error(request: Request, exc: Exception) -> Response:
-    render_route = request.url.path.startswith("/img/")
+    render_route = request.url.path.startswith(RENDER_PREFIX)
     if isinstance(exc, ImgsvcError):
         error = exc
     elif isinstance(exc, HTTPException):
@@ -165,9 +174,10 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     else:  # a bug: uvicorn logs the traceback; the client gets a problem without one
         error = ImgsvcError("the server failed to handle this request")
     headers = {**error.headers, "Cache-Control": error_cache_control(error.status, render_route=render_route)}
-    # A 500 is sent from outside every middleware, so it gets the request context here.
-    headers.update({"X-Content-Type-Options": "nosniff", "X-Request-ID": _request_id(request)})
-    return JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
+    response = JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
+    if not isinstance(exc, (ImgsvcError, HTTPException)):  # sent from outside every middleware: add its context
+        response.raw_headers += context_headers(_request_id(request))
+    return response
 
 
 def _request_id(request: Request) -> str:
@@ -175,15 +185,19 @@ def _request_id(request: Request) -> str:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The application; its services start with the lifespan and reach handlers as `request.state.services`."""
     settings = settings or Settings.from_env()
+    # Built here, before the lifespan, as the outermost middleware answers from the hit index.
+    variants: ByteLRU[str, bytes] = ByteLRU(settings.cache_bytes, len)
+    hits = HitIndex(RecordCache(settings.record_ttl), variants)
+    draining = threading.Event()  # shared with the server's signal handler (`app.state.draining`)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with build_services(settings) as svc:
-            app.state.services = svc
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
+        async with build_services(settings, hits, draining) as svc:
             log.info("imgsvc ready on %s", settings.effective_public_url)
-            yield
-            svc.draining = True
+            yield {"services": svc}
+            draining.set()
 
     routes = [
         Route("/images", endpoints.upload_image, methods=["POST"]),
@@ -191,16 +205,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/images/{id}", endpoints.get_image, methods=["GET"]),
         Route("/images/{id}", endpoints.delete_image, methods=["DELETE"]),
         Route("/images/{id}/original", endpoints.get_original, methods=["GET"]),
-        Route("/img/{id}", endpoints.render_image, methods=["GET", "HEAD"]),
+        Route(RENDER_ROUTE, endpoints.render_image, methods=["GET", "HEAD"]),
         Route("/livez", endpoints.livez, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi_json, methods=["GET"]),
     ]
+    # Starlette's stack: its 500 handler, then RequestContext, the outermost of ours: a remembered hit is
+    # answered there before exception handling, routing, authentication or parsing; then the error handlers.
+    middleware = [Middleware(RequestContext, hits=hits, access_log=settings.access_log)]
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={Exception: handle_error, HTTPException: handle_error, ImgsvcError: handle_error},
     )
-    app.add_middleware(RequestContext, access_log=settings.access_log)
+    app.state.draining = draining
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -16,12 +17,12 @@ from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
-from imgsvc.headers import MEDIA_TYPES, NO_STORE, SECURITY, CacheStatus, render_headers
+from imgsvc.headers import CONTENT_SECURITY_POLICY, MEDIA_TYPES, NO_STORE, variant_headers
+from imgsvc.hits import RawHeaders, request_key
 from imgsvc.idempotency import HEADER as IDEMPOTENCY_HEADER, parse_key
 from imgsvc.ratelimit import client_key
-from imgsvc.render import Variant
 from imgsvc.services import Services
-from imgsvc.spec import accept_token, parse_query
+from imgsvc.spec import parse_query
 from imgsvc.upload import RetryKey, read_body, upload_options
 
 API_CACHE_CONTROL = "private, no-cache"
@@ -29,7 +30,14 @@ MAX_LIST_LIMIT = 100
 
 
 def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    return request.state.services  # type: ignore[no-any-return]  # lifespan state, see app.create_app
+
+
+class _Prebuilt(Response):
+    """A response whose complete header list is already built (see `headers.variant_headers`)."""
+
+    def __init__(self, status_code: int, headers: RawHeaders, body: bytes = b"") -> None:
+        self.status_code, self.raw_headers, self.body, self.background = status_code, headers, body, None
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -151,7 +159,7 @@ async def get_original(request: Request) -> Response:
         headers={
             "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}",
             "Cache-Control": "private, no-store",
-            **SECURITY,
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
         },
     )
 
@@ -173,7 +181,7 @@ async def render_image(request: Request) -> Response:
     principal = await authenticate(request, svc.verifier, required=False)
     client = client_key(request.client.host if request.client else "")  # from a trusted proxy, the forwarded one
     exempt = principal is not None and "images:admin" in principal.scopes
-    variant = await svc.renderer.render(
+    result = await svc.renderer.render(
         request.path_params["id"],
         query,
         accept=request.headers.get("accept"),
@@ -181,35 +189,16 @@ async def render_image(request: Request) -> Response:
         if_none_match=request.headers.get("if-none-match"),
         charge=None if exempt else partial(svc.render_limiter.hit, client),
     )
-    headers = _variant_headers(variant, variant.cache_status)
-    if variant.data is None:
-        headers.pop("Content-Type")
-        headers.pop("Content-Disposition")
-        return Response(status_code=304, headers=headers)
-    media_type = headers.pop("Content-Type")
-    if variant.rememberable and request.method == "GET":
-        # RequestContext answers the same request from here next time: the same headers, as a hit.
-        hit_headers = _variant_headers(variant, "hit")
-        hit_headers.pop("Content-Type")
-        full = Response(variant.data, media_type=media_type, headers=hit_headers).raw_headers
-        remembered = [(name, value) for name, value in full if name != b"content-length"]  # added when sent
-        key = (request.scope["path"], request.scope["query_string"], accept_token(request.headers.get("accept")))
-        svc.renderer.remember(key, variant, remembered)
-    if request.method == "HEAD":
-        return Response(headers={**headers, "Content-Length": str(len(variant.data))}, media_type=media_type)
-    return Response(variant.data, media_type=media_type, headers=headers)
-
-
-def _variant_headers(variant: Variant, cache_status: CacheStatus | None) -> dict[str, str]:
-    return render_headers(
-        etag=variant.etag,
-        media_type=MEDIA_TYPES[variant.format],
-        public=variant.public,
-        cache_control=variant.cache_control,
-        vary_accept=variant.vary_accept,
-        filename=variant.filename,
-        cache_status=cache_status,
-    )
+    now = time.time()
+    if result.not_modified:
+        return _Prebuilt(304, variant_headers(result, cache_status=None, length=None, now=now))
+    if result.rememberable and request.method == "GET":  # RequestContext answers it next time, as a hit
+        key = request_key(request.scope["path"], request.scope["query_string"], request.headers.get("accept"))
+        svc.hits.store(key, result.image.id, result.variant_key, result.stamp,
+                       variant_headers(result, cache_status="hit", length=None, now=now))  # fmt: skip
+    cache_status = "hit" if result.outcome == "hit" else "miss"
+    headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now)
+    return _Prebuilt(200, headers, b"" if request.method == "HEAD" else result.data)
 
 
 async def openapi_json(request: Request) -> Response:
@@ -234,7 +223,7 @@ async def readyz(request: Request) -> Response:
             checks[name] = "ok"
         except Exception as exc:  # name what failed underneath, e.g. "failing: ConnectionRefusedError"
             checks[name] = f"failing: {type(exc.__cause__ or exc).__name__}"
-    if svc.draining:
+    if svc.draining.is_set():
         checks["draining"] = "yes"
     ready = all(v == "ok" for v in checks.values())
     return Response(

@@ -1,6 +1,6 @@
 """HTTP headers of rendered variants: strong ETags computed before rendering, caching, CORS, security.
 
-Pure functions; the render flow computes the ETag, endpoints attach the rest.
+Pure functions; `variant_headers` is the one place a render result becomes its response headers.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import Literal
+from typing import Literal, Protocol
 
 CacheStatus = Literal["hit", "miss"]
 
@@ -16,10 +16,8 @@ ONE_YEAR = 31_536_000
 PUBLIC_IMMUTABLE = f"public, max-age={ONE_YEAR}, immutable"
 ERROR_CACHEABLE = "public, max-age=60"
 NO_STORE = "no-store"
-SECURITY = {
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "script-src 'none'; frame-src 'none'; sandbox;",
-}
+CONTENT_SECURITY_POLICY = "script-src 'none'; frame-src 'none'; sandbox;"
+NOSNIFF = (b"x-content-type-options", b"nosniff")  # added to every response by the request middleware
 MEDIA_TYPES = {
     "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif",
     "avif": "image/avif", "heif": "image/heif", "tiff": "image/tiff",
@@ -56,34 +54,52 @@ def variant_cache_control(*, public: bool, expires: int | None, now: float) -> s
     return PUBLIC_IMMUTABLE if public else "private, no-cache"
 
 
-def render_headers(
-    *,
-    etag: str,
-    media_type: str,
-    public: bool,
-    cache_control: str,
-    vary_accept: bool,
-    filename: str,
-    cache_status: CacheStatus | None,
-) -> dict[str, str]:
-    """Headers shared by a 200 and its 304 (RFC 9110 §15.4.5: the 304 repeats ETag, Vary, Cache-Control)."""
-    headers = {
-        "ETag": etag,
-        "Cache-Control": cache_control,
-        "Content-Type": media_type,
-        "Content-Disposition": f'inline; filename="{filename}"',
-        "Timing-Allow-Origin": "*",
-        **SECURITY,
-    }
+class Answer(Protocol):
+    """What the headers of a rendered variant depend on (`render.RenderResult`)."""
+
+    @property
+    def etag(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def public(self) -> bool: ...
+    @property
+    def vary_accept(self) -> bool: ...
+    @property
+    def expires(self) -> int | None: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def not_modified(self) -> bool: ...
+
+
+def variant_headers(
+    answer: Answer, *, cache_status: CacheStatus | None, length: int | None, now: float
+) -> list[tuple[bytes, bytes]]:
+    """The complete headers of a 200 (with `length`, or without it for a copy kept to answer again) or of its
+    304, which repeats ETag, Vary and Cache-Control (RFC 9110 §15.4.5) but describes no body."""
+    public = answer.public
+    headers = [
+        (b"etag", answer.etag.encode()),
+        (b"cache-control", variant_cache_control(public=public, expires=answer.expires, now=now).encode()),
+        (b"timing-allow-origin", b"*"),
+        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    ]
     if public:
-        headers["Access-Control-Allow-Origin"] = "*"
-        headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+        headers += [(b"access-control-allow-origin", b"*"), (b"cross-origin-resource-policy", b"cross-origin")]
     else:
-        headers["Cross-Origin-Resource-Policy"] = "same-site"
-    if vary_accept:
-        headers["Vary"] = "Accept"
+        headers.append((b"cross-origin-resource-policy", b"same-site"))
+    if answer.vary_accept:
+        headers.append((b"vary", b"Accept"))
     if cache_status is not None:
-        headers["X-Cache"] = cache_status
+        headers.append((b"x-cache", cache_status.encode()))
+    if not answer.not_modified:
+        headers += [
+            (b"content-type", MEDIA_TYPES[answer.format].encode()),
+            (b"content-disposition", f'inline; filename="{answer.filename}"'.encode()),
+        ]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
     return headers
 
 

@@ -1,6 +1,6 @@
 """Pure ASGI middleware around every request: the request id, `nosniff`, metrics and the access log.
 
-It also answers a remembered render request (an LRU hit, see `Renderer.remembered`) itself, before routing.
+It is the outermost layer, so it also answers a remembered render request (see `hits.HitIndex`) before routing.
 """
 
 from __future__ import annotations
@@ -10,19 +10,18 @@ import logging
 import time
 import uuid
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsvc import logs, metrics
-from imgsvc.headers import SECURITY
-from imgsvc.render import RequestKey
-from imgsvc.spec import accept_token
+from imgsvc.headers import NOSNIFF
+from imgsvc.hits import HitIndex, request_key
 
-_RENDER_ROUTE = "/img/{id}"
+RENDER_ROUTE = "/img/{id}"
+RENDER_PREFIX = RENDER_ROUTE.split("{", 1)[0]
 # Requests a remembered answer may serve: no credentials to check, no validator to compare.
 _FAST_PATH_BLOCKERS = frozenset({b"authorization", b"if-none-match", b"range"})
-_REMEMBERED_REQUESTS = {m: metrics.requests_total.labels(_RENDER_ROUTE, m, "2xx") for m in ("GET", "HEAD")}
-_REMEMBERED_SECONDS = metrics.request_seconds.labels(_RENDER_ROUTE, "2xx")
-_BYTES_OUT = metrics.bytes_total.labels("out")
+_BYTES_IN, _BYTES_OUT = metrics.bytes_total.labels("in"), metrics.bytes_total.labels("out")
 
 
 # A random per-process prefix and a counter: unique like a uuid4, without a getrandom() call per request
@@ -35,10 +34,20 @@ def _new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
+def context_headers(rid: str) -> list[tuple[bytes, bytes]]:
+    """What every response carries, whatever answered it: its request id and `nosniff`."""
+    return [(b"x-request-id", rid.encode()), NOSNIFF]
+
+
 class RequestContext:
-    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
+    """Gives each request its id (the client's `X-Request-ID` if sane), adds the context headers to its
+    response, counts it in the metrics and writes the access log line; a remembered hit is answered here."""
+
+    def __init__(self, app: ASGIApp, hits: HitIndex, access_log: bool = True) -> None:
         self.app = app
+        self.hits = hits
         self.access_log = access_log
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +57,7 @@ class RequestContext:
         rid = header(scope, b"x-request-id")
         if not rid or len(rid) > 128 or not rid.isascii() or not rid.isprintable():
             rid = _new_request_id()
-        remembered = scope["path"].startswith("/img/") and scope["method"] in ("GET", "HEAD")
+        remembered = scope["path"].startswith(RENDER_PREFIX) and scope["method"] in ("GET", "HEAD")
         if remembered and await self._send_remembered(scope, send, rid, started):
             return
         scope.setdefault("state", {})["request_id"] = rid
@@ -66,10 +75,7 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", rid.encode()))
-                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
-                    headers.append((b"x-content-type-options", SECURITY["X-Content-Type-Options"].encode()))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": headers + context_headers(rid)}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
@@ -77,19 +83,12 @@ class RequestContext:
         try:
             await self.app(scope, receive_counted, send_with_context)
         finally:
-            elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            status_class = metrics.status_class(status)
-            metrics.requests_total.labels(route, scope["method"], status_class).inc()
-            metrics.request_seconds.labels(route, status_class).observe(elapsed)
-            metrics.bytes_total.labels("in").inc(received)
-            metrics.bytes_total.labels("out").inc(sent)
+            self._finish(scope, route, status, started, received, sent, rid)
             logs.request_id.reset(token)
-            if self.access_log and logs.access.isEnabledFor(logging.INFO):
-                self._log(scope, route, status, elapsed, received, sent, rid)
 
     async def _send_remembered(self, scope: Scope, send: Send, rid: str, started: float) -> bool:
-        """Answer from the renderer's remembered hits; False when this request must take the full path."""
+        """Answer from the hit index; False when this request must take the full path."""
         accept: str | None = None
         for key, value in scope["headers"]:
             key = key.lower()
@@ -97,35 +96,41 @@ class RequestContext:
                 return False
             if key == b"accept" and accept is None:  # the first, as Starlette's headers.get() reads it
                 accept = value.decode("latin-1")
-        app = scope.get("app")
-        services = getattr(getattr(app, "state", None), "services", None)
-        if services is None:
-            return False
-        request: RequestKey = (scope["path"], scope["query_string"], accept_token(accept))
-        answer = services.renderer.remembered(request)
+        answer = self.hits.answer(request_key(scope["path"], scope["query_string"], accept))
         if answer is None:
             return False
         headers, body = answer
-        headers = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
+        headers = [*headers, (b"content-length", str(len(body)).encode()), *context_headers(rid)]
         if scope["method"] == "HEAD":
             body = b""
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        elapsed = time.perf_counter() - started
-        _REMEMBERED_REQUESTS[scope["method"]].inc()
-        _REMEMBERED_SECONDS.observe(elapsed)
-        _BYTES_OUT.inc(len(body))
-        if self.access_log and logs.access.isEnabledFor(logging.INFO):
-            self._log(scope, _RENDER_ROUTE, 200, elapsed, 0, len(body), rid)
+        self._finish(scope, RENDER_ROUTE, 200, started, 0, len(body), rid)
         return True
 
-    @staticmethod
-    def _log(scope: Scope, route: str, status: int, elapsed: float, received: int, sent: int, rid: str) -> None:
-        client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
-        fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
-                  "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
-                  "request_id": rid}  # fmt: skip
-        logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+    def _finish(self, scope: Scope, route: str, status: int, started: float, received: int, sent: int,
+                rid: str) -> None:  # fmt: skip
+        elapsed = time.perf_counter() - started
+        labels = (route, scope["method"], status)
+        children = self._children.get(labels)
+        if children is None:  # bounded: routes x methods x statuses
+            status_class = metrics.status_class(status)
+            children = (
+                metrics.requests_total.labels(route, scope["method"], status_class),
+                metrics.request_seconds.labels(route, status_class),
+            )
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        if received:
+            _BYTES_IN.inc(received)
+        _BYTES_OUT.inc(sent)
+        if self.access_log and logs.access.isEnabledFor(logging.INFO):
+            client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
+            fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
+                      "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
+                      "request_id": rid}  # fmt: skip
+            logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
 
 
 def loggable_uri(scope: Scope) -> str:

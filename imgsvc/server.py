@@ -48,14 +48,12 @@ def tune_malloc(mmap_threshold: int = 128 * 1024, arena_max: int = 2) -> bool:
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Starlette, drain_seconds: float) -> None:
         super().__init__(config)
-        self.app = app
+        self.draining: threading.Event = app.state.draining  # the flag /readyz reports, set in `app.create_app`
         self.drain_seconds = drain_seconds
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        services = getattr(self.app.state, "services", None)
-        if services is not None:
-            services.draining = True
+        self.draining.set()
         if self._draining or self.drain_seconds <= 0:  # a second signal, or no drain: stop now
             super().handle_exit(sig, frame)
             return

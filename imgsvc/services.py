@@ -1,12 +1,14 @@
-"""`Services`: everything `app.py` builds once, as the handlers reach it (`request.app.state.services`)."""
+"""`Services`: everything `app.py` builds once, handed to the handlers as lifespan state (`request.state`)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from imgsvc.auth import Verifier
 from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
+from imgsvc.hits import HitIndex
 from imgsvc.invalidation import DeleteListener
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
@@ -15,16 +17,17 @@ from imgsvc.storage import BlobStore
 from imgsvc.upload import Ingest
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Services:
     settings: Settings
     catalog: Catalog
     store: BlobStore
     verifier: Verifier
     renderer: Renderer
+    hits: HitIndex
     ingest: Ingest
     spec_limits: SpecLimits
     upload_limiter: RateLimiter
     render_limiter: RateLimiter  # render misses per client address
     listener: DeleteListener
-    draining: bool = False
+    draining: threading.Event  # set by the server's signal handler (and at shutdown): /readyz answers 503

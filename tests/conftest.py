@@ -18,7 +18,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from imgsvc import metrics
 from imgsvc.app import create_app
 from imgsvc.config import Settings
 from imgsvc.embedded import EmbeddedPostgres
@@ -70,11 +72,23 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 @contextlib.asynccontextmanager
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["state"] = dict(state)  # as uvicorn hands the lifespan state to each request
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
             client.app = app  # type: ignore[attr-defined]
+            client.services = state["services"]  # type: ignore[attr-defined]
             yield client
+
+
+def renders_started() -> int:
+    """Renders in this process that got as far as reading their original (the fetch stage of the metrics)."""
+    samples = (s for m in metrics.render_seconds.collect() for s in m.samples)
+    return int(sum(s.value for s in samples if s.name.endswith("_count") and s.labels["stage"] == "fetch"))
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ async def test_only_blobs_unreferenced_for_longer_than_the_grace_period_go(reque
             s3_path_style=True,
         )  # fmt: skip
     async with app_client(settings) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
+        services = client.services  # type: ignore[attr-defined]
         catalog, store = services.catalog, services.store
         deleted_id = await upload(client, FLICKR.read_bytes())
         live_id = await upload(client, PNG_ALPHA.read_bytes())
@@ -66,7 +66,7 @@ async def test_only_blobs_unreferenced_for_longer_than_the_grace_period_go(reque
 
 async def test_a_shared_blob_stays_while_any_owner_still_has_the_image(settings) -> None:  # type: ignore[no-untyped-def]
     async with app_client(settings) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
+        services = client.services  # type: ignore[attr-defined]
         data = FLICKR.read_bytes()
         first = await upload(client, data)
         # A second image of the same bytes (another owner in real life): the same blob.
@@ -83,7 +83,7 @@ async def test_a_shared_blob_stays_while_any_owner_still_has_the_image(settings)
 
 async def test_the_collector_waits_for_an_upload_holding_the_blob(settings) -> None:  # type: ignore[no-untyped-def]
     async with app_client(settings) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
+        services = client.services  # type: ignore[attr-defined]
         data = FLICKR.read_bytes()
         old = await upload(client, data)
         assert (await client.delete(f"/images/{old}")).status_code == 204
@@ -105,7 +105,7 @@ async def test_the_collector_waits_for_an_upload_holding_the_blob(settings) -> N
 
 async def test_uploads_racing_the_collector_never_lose_their_blob(settings) -> None:  # type: ignore[no-untyped-def]
     async with app_client(settings) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
+        services = client.services  # type: ignore[attr-defined]
         data = FLICKR.read_bytes()
         for _ in range(5):
             image_id = await upload(client, data)
@@ -133,7 +133,7 @@ def test_gc_command_dry_run(database_url: str, tmp_path) -> None:  # type: ignor
 
 async def test_the_service_can_collect_periodically(settings) -> None:  # type: ignore[no-untyped-def]
     async with app_client(with_settings(settings, gc_interval=0.2, gc_grace_days=0.0)) as client:
-        store = client.app.state.services.store  # type: ignore[attr-defined]
+        store = client.services.store  # type: ignore[attr-defined]
         orphan = GIF_ANIMATED.read_bytes()
         await store.put(key_of(orphan), orphan)
         for _ in range(50):

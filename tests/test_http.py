@@ -10,7 +10,16 @@ import httpx
 import pytest
 import pyvips
 
-from tests.conftest import FLICKR, GIF_ANIMATED, PHOTO, PNG_ALPHA, WEBP_ANIMATED, app_client, with_settings
+from tests.conftest import (
+    FLICKR,
+    GIF_ANIMATED,
+    PHOTO,
+    PNG_ALPHA,
+    WEBP_ANIMATED,
+    app_client,
+    renders_started,
+    with_settings,
+)
 
 CHROME_ACCEPT = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
 FIREFOX_ACCEPT = "image/avif,image/webp,image/png,image/svg+xml,image/*;q=0.8,*/*;q=0.5"
@@ -29,8 +38,18 @@ def decoded(response: httpx.Response) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(response.content, "", **({"n": -1} if animated else {}))
 
 
+_renders_before_the_test = 0
+
+
+@pytest.fixture(autouse=True)
+def _count_renders_from_here() -> None:
+    global _renders_before_the_test
+    _renders_before_the_test = renders_started()
+
+
 def renders(client: httpx.AsyncClient) -> int:
-    return int(client.app.state.services.renderer.renders_started)  # type: ignore[attr-defined]
+    """Renders started since the test began (the client's app is the only one rendering in it)."""
+    return renders_started() - _renders_before_the_test
 
 
 def assert_image_headers(response: httpx.Response, media_type: str) -> None:
@@ -125,7 +144,7 @@ async def test_if_none_match_answers_304_without_storage_or_libvips(client: http
     for blob in (tmp_path / "blobs").rglob("*"):
         if blob.is_file():
             blob.unlink()  # the original is gone: only a 304 that never reads it can still succeed
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = client.services  # type: ignore[attr-defined]
     for cache in (services.renderer.variants, services.renderer.originals, services.renderer.decoded):
         cache.clear()
     for if_none_match in (etag, f'"nope", {etag}', f"W/{etag}", "*"):
@@ -163,9 +182,7 @@ async def test_head_has_the_get_headers_and_no_body(client: httpx.AsyncClient) -
     ("query", "param"),
     [("w=abc", "w"), ("w=1&w=2", "w"), ("foo=1", "foo"), ("fmt=jpg", "fmt"), ("w=99999", "w"), ("q=0", "q")],
 )
-async def test_bad_render_queries_are_cacheable_400_problems(
-    client: httpx.AsyncClient, query: str, param: str
-) -> None:
+async def test_bad_render_queries_are_cacheable_400_problems(client: httpx.AsyncClient, query: str, param: str) -> None:
     image_id = await upload(client, FLICKR)
     response = await client.get(f"/img/{image_id}?{query}")
     assert response.status_code == 400
@@ -210,7 +227,7 @@ async def test_output_has_no_metadata(client: httpx.AsyncClient) -> None:
 
 async def test_variant_lru_is_bounded_in_bytes_and_delete_evicts(settings) -> None:
     async with app_client(with_settings(settings, cache_bytes=20_000)) as client:
-        renderer = client.app.state.services.renderer  # type: ignore[attr-defined]
+        renderer = client.services.renderer  # type: ignore[attr-defined]
         image_id = await upload(client, FLICKR)
         for width in (64, 96, 128, 256, 384):
             assert (await client.get(f"/img/{image_id}?w={width}&fmt=webp")).status_code == 200
@@ -254,7 +271,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_render(client: http
 
 async def test_a_burst_of_sizes_reads_the_original_once(client: httpx.AsyncClient) -> None:
     image_id = await upload(client, PHOTO)
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = client.services  # type: ignore[attr-defined]
     services.renderer.originals.clear()
     reads = 0
     real_get = services.store.get

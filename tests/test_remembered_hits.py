@@ -11,6 +11,7 @@ import pytest
 
 from imgsvc.client import RenderUrls
 from imgsvc.errors import OriginalUnavailable
+from imgsvc.hits import HitIndex
 from imgsvc.render import Renderer
 from imgsvc.spec import parse_query
 from tests.conftest import FLICKR, PHOTO, app_client, with_settings
@@ -27,7 +28,11 @@ async def _upload(client: httpx.AsyncClient, path: Path = FLICKR, **params: str)
 
 
 def _renderer(client: httpx.AsyncClient) -> Renderer:
-    return client.app.state.services.renderer  # type: ignore[attr-defined,no-any-return]
+    return client.services.renderer  # type: ignore[attr-defined,no-any-return]
+
+
+def _hits(client: httpx.AsyncClient) -> HitIndex:
+    return client.services.hits  # type: ignore[attr-defined,no-any-return]
 
 
 def _without_request_id(response: httpx.Response) -> list[tuple[str, str]]:
@@ -77,9 +82,9 @@ async def test_a_delete_is_not_outlived(client: httpx.AsyncClient) -> None:
     image_id = await _upload(client)
     url = f"/img/{image_id}?w=64&fmt=webp"
     assert (await client.get(url)).status_code == 200
-    assert len(_renderer(client).hits) == 1
+    assert len(_hits(client)) == 1
     assert (await client.delete(f"/images/{image_id}")).status_code == 204
-    assert len(_renderer(client).hits) == 0
+    assert len(_hits(client)) == 0
     assert (await client.get(url)).status_code == 404
 
 
@@ -95,16 +100,15 @@ async def test_credentials_validators_and_ranges_take_the_full_path(client: http
 
 async def test_private_and_expiring_renders_are_never_remembered(settings) -> None:
     async with app_client(with_settings(settings, signing_keys=(K1,))) as client:
-        renderer = _renderer(client)
         private = await _upload(client, PHOTO, visibility="private")
         public = await _upload(client)
         urls = RenderUrls("http://testserver", [K1])
         assert (await client.get(urls.url(private, w=64, expires_in=600))).status_code == 200
         assert (await client.get(urls.url(public, w=64, expires_in=600))).status_code == 200
         assert (await client.get(f"/img/{private}?w=64")).status_code == 200  # IMGSVC_AUTH=none: anyone's
-        assert len(renderer.hits) == 0
+        assert len(_hits(client)) == 0
         assert (await client.get(urls.url(public, w=64))).status_code == 200  # signed, no exp: cacheable forever
-        assert len(renderer.hits) == 1
+        assert len(_hits(client)) == 1
 
 
 async def test_only_while_deletes_arrive_and_for_the_record_ttl(client: httpx.AsyncClient, monkeypatch) -> None:
@@ -113,15 +117,15 @@ async def test_only_while_deletes_arrive_and_for_the_record_ttl(client: httpx.As
     url = f"/img/{image_id}?w=64&fmt=webp"
     assert (await client.get(url)).status_code == 200
     _break_full_path(renderer, monkeypatch)
-    renderer.records_trusted = False  # the delete listener is down
+    renderer.records.trusted = False  # the delete listener is down
     assert (await client.get(url)).status_code == 500
     renderer.trust_records(True)  # back: whatever was remembered may have missed a delete
-    assert len(renderer.hits) == 0
+    assert len(_hits(client)) == 0
 
 
 async def test_a_remembered_request_expires_after_the_record_ttl(client: httpx.AsyncClient, monkeypatch) -> None:
     renderer = _renderer(client)
-    renderer.record_ttl = 0.0
+    renderer.records.ttl = 0.0
     image_id = await _upload(client)
     url = f"/img/{image_id}?w=64&fmt=webp"
     assert (await client.get(url)).status_code == 200
@@ -147,7 +151,7 @@ async def test_accept_is_remembered_by_its_token_and_the_first_header_counts(cli
     renderer = _renderer(client)
     for accept in ("image/avif,image/webp,*/*", "image/avif;q=0.9, */*;q=0.8", "IMAGE/AVIF"):
         assert (await client.get(url, headers={"Accept": accept})).headers["content-type"] == "image/avif"
-    assert len(renderer.hits) == 1  # one entry per token, however the browser spells it
+    assert len(_hits(client)) == 1  # one entry per token, however the browser spells it
     _break_full_path(renderer, monkeypatch)
     assert (await client.get(url, headers={"Accept": "image/avif"})).headers["content-type"] == "image/avif"
     two = [("Accept", "image/png"), ("Accept", "image/avif")]  # the full path reads the first
@@ -160,15 +164,16 @@ async def test_what_a_lookup_before_a_listener_outage_or_long_ago_rendered_is_no
     renderer = _renderer(client)
     image_id = await _upload(client)
     query = parse_query([("w", "64"), ("fmt", "webp")])
-    variant = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
+    hits = _hits(client)
+    result = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
     headers = [(b"content-type", b"image/webp")]
     renderer.trust_records(False)
     renderer.trust_records(True)  # the listener reconnected after the lookup: a delete may have been missed
-    renderer.remember(("/img/x", b"", "legacy"), variant, headers)
-    assert len(renderer.hits) == 0
+    hits.store(("/img/x", b"", "legacy"), image_id, result.variant_key, result.stamp, headers)
+    assert len(hits) == 0
     again = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
-    stale = replace(again, looked_up=again.looked_up - renderer.record_ttl)
-    renderer.remember(("/img/x", b"", "legacy"), stale, headers)
-    assert len(renderer.hits) == 0  # looked up longer ago than a record is trusted
-    renderer.remember(("/img/x", b"", "legacy"), again, headers)
-    assert len(renderer.hits) == 1
+    stale = replace(again.stamp, looked_up=again.stamp.looked_up - renderer.records.ttl)
+    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, stale, headers)
+    assert len(hits) == 0  # looked up longer ago than a record is trusted
+    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, again.stamp, headers)
+    assert len(hits) == 1

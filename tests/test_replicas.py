@@ -35,7 +35,7 @@ async def test_delete_on_one_replica_is_404_on_the_other_within_a_second(setting
         assert (await a.delete(f"/images/{image_id}")).status_code == 204
         elapsed = await wait_for_status(b, url, 404)
         assert elapsed < 1.0
-        renderer = b.app.state.services.renderer  # type: ignore[attr-defined]
+        renderer = b.services.renderer  # type: ignore[attr-defined]
         assert len(renderer.variants) == 0 and len(renderer.decoded) == 0
 
 
@@ -52,7 +52,7 @@ async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recover
         admin = await asyncpg.connect(database_url)
         try:
             # Cut B's listening connection from the server side, as a network fault or failover would.
-            pid = b.app.state.services.listener.connection.get_server_pid()  # type: ignore[attr-defined]
+            pid = b.services.listener.connection.get_server_pid()  # type: ignore[attr-defined]
             await admin.execute("SELECT pg_terminate_backend($1)", pid)
             # The delete happens while B cannot hear it; B must still answer 404.
             assert (await a.delete(f"/images/{ids[0]}")).status_code == 204
@@ -60,9 +60,9 @@ async def test_a_replica_whose_listener_was_cut_serves_nothing_stale_and_recover
             assert (await b.get(f"/img/{ids[1]}?w=64")).status_code == 200
             # B reconnects by itself and hears deletes again.
             began = time.monotonic()
-            while b.app.state.services.listener.reconnects == 0 and time.monotonic() - began < 10:  # type: ignore[attr-defined]
+            while b.services.listener.reconnects == 0 and time.monotonic() - began < 10:  # type: ignore[attr-defined]
                 await asyncio.sleep(0.05)
-            assert b.app.state.services.listener.reconnects >= 1  # type: ignore[attr-defined]
+            assert b.services.listener.reconnects >= 1  # type: ignore[attr-defined]
             assert (await b.get(f"/img/{ids[1]}?w=64")).status_code == 200
             assert (await a.delete(f"/images/{ids[1]}")).status_code == 204
             assert await wait_for_status(b, f"/img/{ids[1]}?w=64", 404) < 1.0

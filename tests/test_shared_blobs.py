@@ -46,7 +46,7 @@ def blob_files(root: Path) -> list[Path]:
 
 
 async def live_images(client: httpx.AsyncClient) -> int:
-    return int(await client.app.state.services.catalog.pool.fetchval(  # type: ignore[attr-defined]
+    return int(await client.services.catalog.pool.fetchval(  # type: ignore[attr-defined]
         "SELECT count(*) FROM images WHERE deleted_at IS NULL"
     ))  # fmt: skip
 
@@ -77,7 +77,7 @@ async def test_the_same_photo_for_two_gigs_is_two_images_on_one_blob(
 async def test_deleting_one_image_of_a_photo_leaves_the_other_whole(
     client: httpx.AsyncClient, alice: str, tmp_path: Path
 ) -> None:
-    renderer = client.app.state.services.renderer  # type: ignore[attr-defined]
+    renderer = client.services.renderer  # type: ignore[attr-defined]
     kept, gone = [(await post(client, alice, category=c)).json()["id"] for c in ("avatar", "post")]
     assert (await client.get(f"/img/{kept}?w=128")).headers["x-cache"] == "miss"
     assert (await client.get(f"/img/{gone}?w=128")).headers["x-cache"] == "hit"  # cached by content: shared
@@ -105,7 +105,7 @@ async def test_deleting_one_image_of_a_photo_leaves_the_other_whole(
 async def test_a_shared_blob_is_collected_only_after_its_last_image_and_the_grace_period(
     client: httpx.AsyncClient, alice: str, tmp_path: Path
 ) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = client.services  # type: ignore[attr-defined]
     first, second = [(await post(client, alice, category=c)).json()["id"] for c in ("a", "b")]
     key = blob_key(hashlib.sha256(FLICKR.read_bytes()).hexdigest())
     assert (await client.delete(f"/images/{first}", headers=bearer(alice))).status_code == 204
@@ -183,7 +183,7 @@ async def test_a_malformed_key_is_400_before_anything_is_stored(
 
 
 async def test_keys_last_24_hours_then_the_collector_removes_them(client: httpx.AsyncClient, alice: str) -> None:
-    services = client.app.state.services  # type: ignore[attr-defined]
+    services = client.services  # type: ignore[attr-defined]
     pool = services.catalog.pool
     first = (await post(client, alice, key="daily")).json()["id"]
     lifetime = await pool.fetchval("SELECT expires_at - claimed_at FROM idempotency_keys WHERE key = 'daily'")
