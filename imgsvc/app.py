@@ -184,13 +184,14 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """The application; its services start with the lifespan and reach handlers as `request.state.services`."""
+def create_app(settings: Settings | None = None, *, draining: threading.Event | None = None) -> Starlette:
+    """The application; its services start with the lifespan and reach handlers as `request.state.services`.
+    `draining`, set by the server's signal handler, turns `/readyz` 503."""
     settings = settings or Settings.from_env()
     # Built here, before the lifespan, as the outermost middleware answers from the hit index.
     variants: ByteLRU[str, bytes] = ByteLRU(settings.cache_bytes, len)
     hits = HitIndex(RecordCache(settings.record_ttl), variants)
-    draining = threading.Event()  # shared with the server's signal handler (`app.state.draining`)
+    draining = draining or threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
@@ -220,5 +221,4 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={Exception: handle_error, HTTPException: handle_error, ImgsvcError: handle_error},
     )
-    app.state.draining = draining
     return app

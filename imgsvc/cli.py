@@ -173,6 +173,8 @@ async def collect(settings: Settings, grace_days: float, dry_run: bool) -> int:
 
 
 def serve(settings: Settings) -> int:
+    import threading
+
     import uvicorn
 
     from imgsvc.app import create_app
@@ -181,7 +183,8 @@ def serve(settings: Settings) -> int:
     tune_malloc()
     max_connections = fit_connections(settings.max_connections)
     print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
-    app = create_app(settings)
+    draining = threading.Event()  # set by the server on SIGTERM, read by /readyz
+    app = create_app(settings, draining=draining)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -196,5 +199,5 @@ def serve(settings: Settings) -> int:
         http=guarded_protocol(ClientLimits(settings.header_timeout, max_connections)),
         backlog=settings.backlog,
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    DrainingServer(config, draining, settings.drain_seconds).run()
     return 0

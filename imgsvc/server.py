@@ -18,7 +18,6 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import uvicorn
-from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from imgsvc.errors import ImgsvcError, Overloaded, RequestTimeout
@@ -46,9 +45,9 @@ def tune_malloc(mmap_threshold: int = 128 * 1024, arena_max: int = 2) -> bool:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Starlette, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, draining: threading.Event, drain_seconds: float) -> None:
         super().__init__(config)
-        self.draining: threading.Event = app.state.draining  # the flag /readyz reports, set in `app.create_app`
+        self.draining = draining  # the flag /readyz reports (`app.create_app(draining=...)`)
         self.drain_seconds = drain_seconds
         self._draining = False
 
