@@ -160,7 +160,6 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=settings.presets),
             upload_limiter=RateLimiter(settings.upload_rate),
             render_limiter=RateLimiter(settings.render_rate, settings.render_burst, what="render misses"),
-            listener=listener,
             draining=draining,
         )
 

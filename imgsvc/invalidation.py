@@ -16,6 +16,7 @@ import asyncpg
 from imgsvc.catalog import DELETES_CHANNEL, DeleteNotice
 
 log = logging.getLogger("imgsvc.invalidation")
+APPLICATION_NAME = "imgsvc-delete-listener"  # how the listening connection shows in pg_stat_activity
 
 
 class DeleteListener:
@@ -32,7 +33,6 @@ class DeleteListener:
         self.on_state = on_state
         self.check_every = check_every
         self.connection: asyncpg.Connection | None = None
-        self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -49,7 +49,7 @@ class DeleteListener:
                 await self.connection.close(timeout=2)
 
     async def _connect(self) -> None:
-        connection = await asyncpg.connect(self.dsn, timeout=5)
+        connection = await asyncpg.connect(self.dsn, timeout=5, server_settings={"application_name": APPLICATION_NAME})
         await connection.add_listener(DELETES_CHANNEL, self._notified)
         self.connection = connection
         self.on_state(True)
@@ -78,7 +78,6 @@ class DeleteListener:
                 self.connection.terminate()
             try:
                 await self._connect()
-                self.reconnects += 1
                 log.info("delete listener reconnected")
                 delay, failures = self.check_every, 0
             except Exception as exc:  # the database is down: one line per outage, not per attempt

@@ -9,7 +9,6 @@ from imgsvc.auth import Verifier
 from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
 from imgsvc.hits import HitIndex
-from imgsvc.invalidation import DeleteListener
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.render import Renderer
 from imgsvc.spec import SpecLimits
@@ -29,5 +28,4 @@ class Services:
     spec_limits: SpecLimits
     upload_limiter: RateLimiter
     render_limiter: RateLimiter  # render misses per client address
-    listener: DeleteListener
     draining: threading.Event  # set by the server's signal handler (and at shutdown): /readyz answers 503
