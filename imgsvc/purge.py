@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -56,7 +57,10 @@ class Target:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.url.split('?')[0]}" + (f"/{self.account}" if self.account else "")
+        """kind:scheme://host/path[/account]: without userinfo or query, which may carry credentials."""
+        url = urlsplit(self.url)
+        address = f"{url.scheme}://{url.hostname}{f':{url.port}' if url.port else ''}{url.path}"
+        return f"{self.kind}:{address}" + (f"/{self.account}" if self.account else "")
 
     def request(self, job: Job, now: float) -> tuple[str, dict[str, str], bytes]:
         """(url, headers, body) of the POST that purges `job`'s image."""

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,9 +26,12 @@ import pytest
 import pyvips
 
 from imgsvc.config import ConfigError, Settings
-from tests.conftest import REPO, ServerProcess, free_port
+from imgsvc.gc import collect_garbage
+from imgsvc.purge import Target
+from tests.conftest import PNG_ALPHA, REPO, ServerProcess, app_client, free_port
 
 SECRET = "purge-test-secret-0123456789"
+GRACE = timedelta(days=7)
 SENDER_LOCK = 0x70757267  # imgsvc.purge's advisory lock id, as pg_locks shows it (objid)
 TARGETS = ("webhook", "cloudflare", "fastly")
 
@@ -305,6 +309,8 @@ async def test_a_receiver_down_for_a_minute_gets_everything_after_in_order_once(
     heads = [r for i, r in enumerate(pending) if i % 5 == 0]  # each target retries its oldest job only
     assert [r["image_id"] for r in heads] == [ids[0]] * 3 and all(r["attempts"] >= 3 for r in heads)
     assert all(r["attempts"] == 0 for i, r in enumerate(pending) if i % 5)
+    gauges = httpx.get(f"{a.url}/metrics").text + httpx.get(f"{b.url}/metrics").text
+    assert re.search(r"^imgsvc_purge_pending 15\.0$", gauges, re.M)  # as the sender counted it
     assert any("ConnectError" in (r["last_error"] or "") for r in pending)
     receiver.start()
     took = await wait_for(all_delivered(receiver, ids), 60, "the backlog delivered after the outage")
@@ -392,3 +398,27 @@ def test_purge_secrets_are_required_validated_and_masked() -> None:
     assert shown.returncode == 0, shown.stderr
     assert SECRET not in shown.stdout and "fastly-secret-key" not in shown.stdout
     assert re.search(r"^IMGSVC_PURGE_WEBHOOK_SECRET +\*\*\*\*$", shown.stdout, re.M)
+
+
+async def test_gc_removes_purge_jobs_every_target_received_and_keeps_the_rest(settings: Settings) -> None:
+    async with app_client(settings) as client:
+        ids = []
+        for _ in range(2):
+            created = await client.post("/images", content=PNG_ALPHA.read_bytes(), headers={"Content-Type": "image/*"})
+            ids.append(created.json()["id"])
+        services = client.services  # type: ignore[attr-defined]
+        pool = services.catalog.pool
+        assert (await client.delete(f"/images/{ids[0]}")).status_code == 204  # no targets: nothing to deliver
+        await pool.execute("INSERT INTO purge_targets (name) VALUES ('webhook:https://hooks.example/purge')")
+        assert (await client.delete(f"/images/{ids[1]}")).status_code == 204  # one delivery, never sent
+        assert await pool.fetchval("SELECT count(*) FROM purge_jobs") == 2
+        kept = await collect_garbage(services.catalog, services.store, GRACE, purge_keep=timedelta(days=1))
+        assert kept.expired_purge_jobs == 0
+        report = await collect_garbage(services.catalog, services.store, GRACE, purge_keep=timedelta(0))
+        assert report.expired_purge_jobs == 1
+        assert await pool.fetchval("SELECT image_id FROM purge_jobs") == ids[1]
+
+
+def test_target_names_carry_no_credentials() -> None:
+    target = Target("webhook", "https://user:pw@hooks.example:8443/purge?token=s3cret")
+    assert target.name == "webhook:https://hooks.example:8443/purge"
