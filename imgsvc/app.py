@@ -108,7 +108,7 @@ def purge_targets(settings: Settings) -> list[Target]:
     targets = [Target("webhook", url, secret=settings.purge_webhook_secret or "") for url in settings.purge_webhooks]
     if settings.purge_cloudflare_zone and settings.purge_cloudflare_token:
         targets.append(Target("cloudflare", settings.purge_cloudflare_url, settings.purge_cloudflare_zone,
-                              settings.purge_cloudflare_token))  # fmt: skip
+                              settings.purge_cloudflare_token, settings.purge_cloudflare_prefix))  # fmt: skip
     if settings.purge_fastly_service and settings.purge_fastly_key:
         targets.append(Target("fastly", settings.purge_fastly_url, settings.purge_fastly_service,
                               settings.purge_fastly_key))  # fmt: skip

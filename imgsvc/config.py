@@ -140,6 +140,14 @@ def _urls(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_url(part.strip()) for part in text.split(",") if part.strip()))
 
 
+def _prefix(text: str) -> str:
+    """A Cloudflare purge prefix: host/path without scheme, query or spaces."""
+    value = text.strip()
+    if "://" in value or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?/[^\s?#]*", value):
+        raise ValueError(f"expected host/path/ without a scheme, e.g. img.example.com/img/, got {text!r}")
+    return value
+
+
 def _algorithms(text: str) -> tuple[JwtAlgorithm, ...]:
     parse = _member(get_args(JwtAlgorithm))
     names = tuple(dict.fromkeys(parse(part) for part in text.split(",") if part.strip()))
@@ -489,6 +497,13 @@ class Settings:
     )
     purge_cloudflare_url: str = _setting(
         "https://api.cloudflare.com/client/v4", "CDN purge: Cloudflare API base URL.", parse=_url, group="cache"
+    )
+    purge_cloudflare_prefix: str = _setting(
+        "",
+        "CDN purge: purge Cloudflare by URL prefix <this><image id> (e.g. img.example.com/img/) instead of by "
+        "cache tag; empty purges the tag img-<id>.",
+        parse=_prefix,
+        group="cache",
     )
     purge_fastly_service: str | None = _setting(
         None, "CDN purge: Fastly service id purged by surrogate key (needs the key).", group="cache"

@@ -54,6 +54,7 @@ class Target:
     url: str  # webhook: the URL; cloudflare/fastly: the API base URL
     account: str = ""  # cloudflare zone id, fastly service id
     secret: str = ""  # webhook signing secret, cloudflare API token, fastly API key
+    prefix: str = ""  # cloudflare: purge the URL prefix `<prefix><image id>` instead of the image's cache tag
 
     @property
     def name(self) -> str:
@@ -67,7 +68,8 @@ class Target:
         tag = cache_tag(job.image_id)
         base = self.url.rstrip("/")
         if self.kind == "cloudflare":
-            body = json.dumps({"tags": [tag]}).encode()
+            what = {"prefixes": [f"{self.prefix}{job.image_id}"]} if self.prefix else {"tags": [tag]}
+            body = json.dumps(what).encode()
             headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
             return f"{base}/zones/{self.account}/purge_cache", headers, body
         if self.kind == "fastly":

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,9 +25,10 @@ import httpx
 import pytest
 import pyvips
 
+from imgsvc.app import purge_targets
 from imgsvc.config import ConfigError, Settings
 from imgsvc.gc import collect_garbage
-from imgsvc.purge import Target
+from imgsvc.purge import Job, Target
 from tests.conftest import PNG_ALPHA, REPO, ServerProcess, app_client, free_port
 
 SECRET = "purge-test-secret-0123456789"
@@ -422,3 +423,25 @@ async def test_gc_removes_purge_jobs_every_target_received_and_keeps_the_rest(se
 def test_target_names_carry_no_credentials() -> None:
     target = Target("webhook", "https://user:pw@hooks.example:8443/purge?token=s3cret")
     assert target.name == "webhook:https://hooks.example:8443/purge"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "body"),
+    [
+        ("", {"tags": ["img-AAAAAAAAAAAAAAAAAAAAAA"]}),
+        ("img.example.com/img/", {"prefixes": ["img.example.com/img/AAAAAAAAAAAAAAAAAAAAAA"]}),
+    ],
+)
+def test_cloudflare_purges_the_tag_or_the_url_prefix(prefix: str, body: dict[str, list[str]]) -> None:
+    env = {"IMGSVC_PURGE_CLOUDFLARE_ZONE": "zone-1", "IMGSVC_PURGE_CLOUDFLARE_TOKEN": "cf-token"}
+    settings = Settings.from_env({**env, "IMGSVC_PURGE_CLOUDFLARE_PREFIX": prefix})
+    (target,) = purge_targets(settings)
+    job = Job(7, "A" * 22, "delete", datetime.now(UTC))
+    url, headers, sent = target.request(job, time.time())
+    assert url == "https://api.cloudflare.com/client/v4/zones/zone-1/purge_cache"
+    assert json.loads(sent) == body and headers["Authorization"] == "Bearer cf-token"
+
+
+def test_a_purge_prefix_with_a_scheme_is_refused() -> None:
+    with pytest.raises(ConfigError, match="IMGSVC_PURGE_CLOUDFLARE_PREFIX"):
+        Settings.from_env({"IMGSVC_PURGE_CLOUDFLARE_PREFIX": "https://img.example.com/img/"})
