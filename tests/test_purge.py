@@ -445,3 +445,11 @@ def test_cloudflare_purges_the_tag_or_the_url_prefix(prefix: str, body: dict[str
 def test_a_purge_prefix_with_a_scheme_is_refused() -> None:
     with pytest.raises(ConfigError, match="IMGSVC_PURGE_CLOUDFLARE_PREFIX"):
         Settings.from_env({"IMGSVC_PURGE_CLOUDFLARE_PREFIX": "https://img.example.com/img/"})
+
+
+def test_purge_command_says_the_database_is_unavailable_without_a_traceback(tmp_path: Path) -> None:
+    env = {"IMGSVC_DATABASE_URL": f"postgresql://imgsvc@127.0.0.1:{free_port()}/imgsvc",  # nothing listens
+           "IMGSVC_DATABASE_TIMEOUT": "2", "IMGSVC_STORAGE_URL": f"file://{tmp_path / 'blobs'}"}  # fmt: skip
+    result = cli_run(env, "purge", "--pending")
+    assert result.returncode == 1 and "unavailable" in result.stderr and "Traceback" not in result.stderr
+    assert cli_run(env, "purge").returncode == 2  # neither --pending nor an id
