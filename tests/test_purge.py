@@ -277,10 +277,10 @@ async def test_killing_the_sender_mid_delivery_lets_the_other_replica_deliver(
         assert (await client.delete(f"{b.url}/images/{image_id}")).status_code == 204
         await wait_for(lambda: receiver.calls, 30, "A's purge request arrives")
         assert a.proc is not None
+        receiver.hold.clear()  # later calls are answered; A's stays held
         a.proc.kill()  # SIGKILL while the receiver still holds A's request open
         a.proc.wait(10)
         killed = time.time()
-        receiver.hold.clear()
         took = await wait_for(lambda: receiver.delivered("fastly") == [image_id], 60, "B delivers")
     print(f"\nsender killed mid-delivery: delivered by the other replica {took:.2f} s after the kill")
     assert receiver.arrival("fastly", image_id) > killed
