@@ -29,6 +29,7 @@ from imgsvc.hits import HitIndex
 from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.invalidation import DeleteListener
 from imgsvc.middleware import RENDER_PREFIX, RENDER_ROUTE, RequestContext, context_headers
+from imgsvc.purge import PurgeSender, RetryPolicy, Target
 from imgsvc.ratelimit import RateLimiter
 from imgsvc.records import RecordCache
 from imgsvc.render import Renderer
@@ -102,6 +103,18 @@ def s3_config(settings: Settings) -> S3Config:
     )
 
 
+def purge_targets(settings: Settings) -> list[Target]:
+    """The CDN purge APIs every delete is delivered to (the same on every replica)."""
+    targets = [Target("webhook", url, secret=settings.purge_webhook_secret or "") for url in settings.purge_webhooks]
+    if settings.purge_cloudflare_zone and settings.purge_cloudflare_token:
+        targets.append(Target("cloudflare", settings.purge_cloudflare_url, settings.purge_cloudflare_zone,
+                              settings.purge_cloudflare_token, settings.purge_cloudflare_prefix))  # fmt: skip
+    if settings.purge_fastly_service and settings.purge_fastly_key:
+        targets.append(Target("fastly", settings.purge_fastly_url, settings.purge_fastly_service,
+                              settings.purge_fastly_key))  # fmt: skip
+    return targets
+
+
 @contextlib.asynccontextmanager
 async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, BlobStore]]:
     """The catalog (embedded Postgres unless a DSN is set; migrated) and the blob store: (dsn, catalog, store)."""
@@ -145,10 +158,15 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()
         stack.push_async_callback(listener.stop)
+        retry = RetryPolicy(settings.purge_retry_base, settings.purge_retry_max)
+        sender = PurgeSender(dsn, catalog.pool, purge_targets(settings), retry, settings.purge_timeout)
+        await sender.start()
+        stack.push_async_callback(sender.stop)
         # The caches outlive this lifespan (built in create_app): once it ends, deletes are no longer heard.
         stack.callback(renderer.trust_records, False)
         grace = timedelta(days=settings.gc_grace_days)
-        await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval))
+        keep = timedelta(days=settings.purge_keep_days)
+        await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval, keep))
         yield Services(
             settings=settings,
             catalog=catalog,

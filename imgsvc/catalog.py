@@ -21,6 +21,7 @@ from typing import Literal
 import asyncpg
 
 from imgsvc.errors import InvalidParameter, Unavailable
+from imgsvc.purge import enqueue
 
 log = logging.getLogger("imgsvc.catalog")
 Visibility = Literal["public", "private"]
@@ -327,6 +328,7 @@ class Catalog:
             deleted = Deleted(record, blob_orphaned=await self.live_references(conn, record.sha256) == 0)
             # Delivered to every replica's listener when this transaction commits.
             await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, deleted.notice.payload())
+            await enqueue(conn, image_id, "delete")  # the CDN purge job commits with the delete, or neither does
         return deleted
 
 

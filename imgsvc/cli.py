@@ -1,4 +1,4 @@
-"""The `imgsvc` command: serve, migrate, config --check."""
+"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, healthcheck."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     importer.add_argument("--sql", help="a query returning the columns id, owner, data (bytea or base64 text)")
     importer.add_argument("--dsn", help="the database the --sql query runs against")
     importer.add_argument("--mapping", type=Path, help="write old id,new id,status CSV here (default: stdout)")
+    purge = commands.add_parser("purge", help="CDN purge outbox: list undelivered purges, or re-send one image's")
+    purge.add_argument("image_id", nargs="?", help="queue the purge of this image again for every target")
+    purge.add_argument("--pending", action="store_true", help="list undelivered purges with attempts and last error")
     health = commands.add_parser("healthcheck", help="exit 0 if the local service's /readyz answers 200 (containers)")
     health.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
@@ -61,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             except asyncpg.PostgresError as exc:
                 print(f"imgsvc: the --sql query failed: {exc}", file=sys.stderr)
                 return 2
+        if args.command == "purge":
+            if bool(args.pending) == bool(args.image_id):
+                parser.error("purge takes --pending or an image id")
+            return asyncio.run(purge_command(settings, args.image_id))
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
@@ -169,6 +176,29 @@ async def collect(settings: Settings, grace_days: float, dry_run: bool) -> int:
           f"{report.kept} kept (grace {grace_days:g} days)")  # fmt: skip
     if not dry_run:
         print(f"expired {report.expired_keys} idempotency keys older than 24 h")
+        print(f"expired {report.expired_purge_jobs} delivered CDN purge jobs")
+    return 0
+
+
+async def purge_command(settings: Settings, image_id: str | None) -> int:
+    from imgsvc.app import open_storage
+    from imgsvc.purge import enqueue, pending
+
+    async with open_storage(settings) as (_, catalog, _store):
+        if image_id is None:
+            rows = await pending(catalog.pool)
+            for row in rows:
+                print(f"job {row.job} image {row.image_id} target {row.target} attempts {row.attempts} "
+                      f"next {row.next_attempt_at.isoformat()} error {row.last_error or '-'}")  # fmt: skip
+            print(f"{len(rows)} undelivered purges")
+            return 0
+        if await catalog.get(image_id, include_deleted=True) is None:
+            print(f"imgsvc: no image {image_id}", file=sys.stderr)
+            return 1
+        async with catalog.pool.acquire() as conn, conn.transaction():
+            job = await enqueue(conn, image_id, "resend")
+            targets = await conn.fetchval("SELECT count(*) FROM purge_deliveries WHERE job_id = $1", job)
+    print(f"queued purge job {job} of {image_id} for {targets} targets")
     return 0
 
 

@@ -136,6 +136,18 @@ def _url(text: str) -> str:
     return text
 
 
+def _urls(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_url(part.strip()) for part in text.split(",") if part.strip()))
+
+
+def _prefix(text: str) -> str:
+    """A Cloudflare purge prefix: host/path without scheme, query or spaces."""
+    value = text.strip()
+    if "://" in value or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?/[^\s?#]*", value):
+        raise ValueError(f"expected host/path/ without a scheme, e.g. img.example.com/img/, got {text!r}")
+    return value
+
+
 def _algorithms(text: str) -> tuple[JwtAlgorithm, ...]:
     parse = _member(get_args(JwtAlgorithm))
     names = tuple(dict.fromkeys(parse(part) for part in text.split(",") if part.strip()))
@@ -465,6 +477,58 @@ class Settings:
         3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
         "them the request answers 503.", parse=_int(1, 10), group="storage",
     )  # fmt: skip
+    purge_webhooks: tuple[str, ...] = _setting(
+        (),
+        "CDN purge: URLs (comma-separated) that receive a signed JSON POST for every deleted image.",
+        parse=_urls,
+        group="cache",
+    )
+    purge_webhook_secret: str | None = _setting(
+        None,
+        "CDN purge: HMAC-SHA256 key (16+ chars) of the webhooks' Imgsvc-Signature header; required with webhooks.",
+        secret=True,
+        group="cache",
+    )
+    purge_cloudflare_zone: str | None = _setting(
+        None, "CDN purge: Cloudflare zone id whose cache is purged by tag (needs the token).", group="cache"
+    )
+    purge_cloudflare_token: str | None = _setting(
+        None, "CDN purge: Cloudflare API token with Cache Purge permission.", secret=True, group="cache"
+    )
+    purge_cloudflare_url: str = _setting(
+        "https://api.cloudflare.com/client/v4", "CDN purge: Cloudflare API base URL.", parse=_url, group="cache"
+    )
+    purge_cloudflare_prefix: str = _setting(
+        "",
+        "CDN purge: purge Cloudflare by URL prefix <this><image id> (e.g. img.example.com/img/) instead of by "
+        "cache tag; empty purges the tag img-<id>.",
+        parse=_prefix,
+        group="cache",
+    )
+    purge_fastly_service: str | None = _setting(
+        None, "CDN purge: Fastly service id purged by surrogate key (needs the key).", group="cache"
+    )
+    purge_fastly_key: str | None = _setting(
+        None, "CDN purge: Fastly API token with purge_select scope.", secret=True, group="cache"
+    )
+    purge_fastly_url: str = _setting("https://api.fastly.com", "CDN purge: Fastly API base URL.", parse=_url,
+                                     group="cache")  # fmt: skip
+    purge_timeout: float = _setting(
+        10.0, "CDN purge: seconds one purge request may take before it counts as failed.", parse=_float(0.1, 300),
+        group="cache",
+    )  # fmt: skip
+    purge_retry_base: float = _setting(
+        1.0, "CDN purge: first retry delay in seconds, doubled per failed attempt (jittered).",
+        parse=_float(0.01, 3600), group="cache",
+    )  # fmt: skip
+    purge_retry_max: float = _setting(
+        60.0, "CDN purge: longest retry delay in seconds: after a purge API comes back, the backlog is delivered "
+        "within about this long.", parse=_float(0.01, 86400), group="cache",
+    )  # fmt: skip
+    purge_keep_days: float = _setting(
+        7.0, "CDN purge: delivered purge jobs older than this are removed by garbage collection.",
+        parse=_float(0, 3650), group="cache",
+    )  # fmt: skip
 
     @property
     def effective_storage_url(self) -> str:
@@ -517,6 +581,14 @@ class Settings:
             )
         if self.require_signed and not self.signing_keys:
             problems.append("IMGSVC_REQUIRE_SIGNED: needs IMGSVC_SIGNING_KEYS")
+        if self.purge_webhooks and len(self.purge_webhook_secret or "") < 16:
+            problems.append("IMGSVC_PURGE_WEBHOOK_SECRET: required (16+ characters) with IMGSVC_PURGE_WEBHOOKS")
+        if bool(self.purge_cloudflare_zone) != bool(self.purge_cloudflare_token):
+            problems.append("IMGSVC_PURGE_CLOUDFLARE_ZONE and IMGSVC_PURGE_CLOUDFLARE_TOKEN: set both or neither")
+        if bool(self.purge_fastly_service) != bool(self.purge_fastly_key):
+            problems.append("IMGSVC_PURGE_FASTLY_SERVICE and IMGSVC_PURGE_FASTLY_KEY: set both or neither")
+        if self.purge_retry_max < self.purge_retry_base:
+            problems.append("IMGSVC_PURGE_RETRY_MAX: must not be below IMGSVC_PURGE_RETRY_BASE")
         for name, items in self.presets.items():  # parse_presets checked them against the default maximum
             try:
                 parse_query(items, SpecLimits(max_output_dim=self.max_output_dim, presets={}))

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from imgsvc.catalog import Catalog
 from imgsvc.errors import ImgsvcError
 from imgsvc.idempotency import IdempotencyKeys
+from imgsvc.purge import expire as expire_purge_jobs
 from imgsvc.storage import BlobStore
 
 log = logging.getLogger("imgsvc.gc")
@@ -29,16 +30,24 @@ class GcReport:
     kept: int = 0
     removed: list[str] = field(default_factory=list)
     expired_keys: int = 0  # idempotency keys past their 24 h
+    expired_purge_jobs: int = 0  # CDN purge jobs delivered everywhere and older than the purge keep period
 
 
 async def collect_garbage(
-    catalog: Catalog, store: BlobStore, grace: timedelta, *, dry_run: bool = False, now: datetime | None = None
+    catalog: Catalog,
+    store: BlobStore,
+    grace: timedelta,
+    *,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    purge_keep: timedelta = timedelta(days=7),
 ) -> GcReport:
     now = now or datetime.now(UTC)
     cutoff = now - grace
     report = GcReport(dry_run=dry_run)
     if not dry_run:
         report.expired_keys = await IdempotencyKeys(catalog.pool).expire()
+        report.expired_purge_jobs = await expire_purge_jobs(catalog.pool, purge_keep)
     async for key, written in store.list_blobs():
         report.examined += 1
         sha256 = key.rsplit("/", 1)[-1]
@@ -59,7 +68,7 @@ async def collect_garbage(
 
 @contextlib.asynccontextmanager
 async def periodic_collection(
-    catalog: Catalog, store: BlobStore, grace: timedelta, every_seconds: float
+    catalog: Catalog, store: BlobStore, grace: timedelta, every_seconds: float, purge_keep: timedelta
 ) -> AsyncIterator[None]:
     """Collect garbage every `every_seconds` (with jitter, so replicas spread out) while the block runs."""
 
@@ -67,7 +76,7 @@ async def periodic_collection(
         while True:
             await asyncio.sleep(every_seconds * random.uniform(0.8, 1.2))
             try:
-                report = await collect_garbage(catalog, store, grace)
+                report = await collect_garbage(catalog, store, grace, purge_keep=purge_keep)
                 log.info("gc: examined %d blobs, removed %d", report.examined, len(report.removed))
             except ImgsvcError as exc:  # the database or the store is unavailable: they log the outage
                 log.warning("gc run skipped (%s); trying again next period", exc.detail)

@@ -38,6 +38,15 @@ renders_running = Gauge("imgsvc_render_workers_busy", "Renders running in worker
 renders_waiting = Gauge("imgsvc_render_queue_depth", "Renders waiting for a worker.", multiprocess_mode="livesum")
 render_rejections = Counter("imgsvc_render_rejections_total", "Renders refused or stopped, by reason.", ["reason"])
 uploads_total = Counter("imgsvc_uploads_total", "Uploads by outcome.", ["outcome"])
+purge_lag_seconds = Histogram(
+    "imgsvc_purge_lag_seconds", "Time from a delete (its purge job) to its delivery to a CDN purge target.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)  # fmt: skip
+purge_pending = Gauge(
+    "imgsvc_purge_pending", "Undelivered (job, target) purge deliveries, as the sending replica last counted.",
+    multiprocess_mode="livemax",
+)  # fmt: skip
+purge_failures = Counter("imgsvc_purge_failures_total", "Failed purge delivery attempts by target.", ["target"])
 
 
 def status_class(status: int) -> str:

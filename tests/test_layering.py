@@ -12,7 +12,7 @@ LAYERS = [
     {"spec"},
     {"config"},  # parses presets with spec's rules
     {"structure", "isolation"},
-    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry"},
+    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge"},
     {"sniffing", "vips_hardening", "deadline"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
     {"auth", "upload", "gc", "records"},
