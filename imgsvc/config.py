@@ -465,6 +465,13 @@ class Settings:
         3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
         "them the request answers 503.", parse=_int(1, 10), group="storage",
     )  # fmt: skip
+    cache_tags: bool = _setting(
+        True,
+        "Tag every /img/ response with its image (`Surrogate-Key` and `Cache-Tag`: `img-<id>`), so a CDN can purge "
+        "all variants of a deleted image at once.",
+        parse=_bool,
+        group="cache",
+    )
 
     @property
     def effective_storage_url(self) -> str:
