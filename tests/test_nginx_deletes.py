@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +55,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(server_env: dict[str, str], tmp_path: Path, start_nginx) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+def cluster(server_env: dict[str, str], tmp_path: Path, start_nginx: Callable[..., NginxProcess]) -> Iterator[Cluster]:
     replicas = []
     try:
         for name in ("a", "b"):  # one database, one blob store; each replica its own data dir
