@@ -36,6 +36,7 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python replicas.py
 	cd benchmarks && ../$(BIN)/python storage.py
 	cd benchmarks && ../$(BIN)/python origin.py
+	cd benchmarks && ../$(BIN)/python nginx_validity.py
 	cd benchmarks && ../$(BIN)/python hardening.py
 	cd benchmarks && ../$(BIN)/python stages.py
 	cd benchmarks && ../$(BIN)/python compare.py

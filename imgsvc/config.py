@@ -529,6 +529,13 @@ class Settings:
         7.0, "CDN purge: delivered purge jobs older than this are removed by garbage collection.",
         parse=_float(0, 3650), group="cache",
     )  # fmt: skip
+    cache_tags: bool = _setting(
+        True,
+        "Tag every /img/ response with its image (`Surrogate-Key` and `Cache-Tag`: `img-<id>`), so a CDN can purge "
+        "all variants of a deleted image at once.",
+        parse=_bool,
+        group="cache",
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -189,15 +189,15 @@ async def render_image(request: Request) -> Response:
         if_none_match=request.headers.get("if-none-match"),
         charge=None if exempt else partial(svc.render_limiter.hit, client),
     )
-    now = time.time()
+    now, tags = time.time(), svc.settings.cache_tags
     if result.not_modified:
-        return _Prebuilt(304, variant_headers(result, cache_status=None, length=None, now=now))
+        return _Prebuilt(304, variant_headers(result, cache_status=None, length=None, now=now, tags=tags))
     if result.rememberable and request.method == "GET":  # RequestContext answers it next time, as a hit
         key = request_key(request.scope["path"], request.scope["query_string"], request.headers.get("accept"))
         svc.hits.store(key, result.image.id, result.variant_key, result.stamp,
-                       variant_headers(result, cache_status="hit", length=None, now=now))  # fmt: skip
+                       variant_headers(result, cache_status="hit", length=None, now=now, tags=tags))  # fmt: skip
     cache_status = "hit" if result.outcome == "hit" else "miss"
-    headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now)
+    headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now, tags=tags)
     return _Prebuilt(200, headers, b"" if request.method == "HEAD" else result.data)
 
 

@@ -58,6 +58,8 @@ class Answer(Protocol):
     """What the headers of a rendered variant depend on (`render.RenderResult`)."""
 
     @property
+    def image_id(self) -> str: ...
+    @property
     def etag(self) -> str: ...
     @property
     def format(self) -> str: ...
@@ -73,11 +75,17 @@ class Answer(Protocol):
     def not_modified(self) -> bool: ...
 
 
+def cache_tag(image_id: str) -> str:
+    """The tag of every variant of one image, by which a CDN purges them all at once."""
+    return f"img-{image_id}"
+
+
 def variant_headers(
-    answer: Answer, *, cache_status: CacheStatus | None, length: int | None, now: float
+    answer: Answer, *, cache_status: CacheStatus | None, length: int | None, now: float, tags: bool
 ) -> list[tuple[bytes, bytes]]:
     """The complete headers of a 200 (with `length`, or without it for a copy kept to answer again) or of its
-    304, which repeats ETag, Vary and Cache-Control (RFC 9110 §15.4.5) but describes no body."""
+    304, which repeats ETag, Vary, Cache-Control and the cache tags (RFC 9110 §15.4.5) but describes no body.
+    `tags`: the image's cache tag in Fastly's `Surrogate-Key` and Cloudflare's `Cache-Tag`."""
     public = answer.public
     headers = [
         (b"etag", answer.etag.encode()),
@@ -91,6 +99,9 @@ def variant_headers(
         headers.append((b"cross-origin-resource-policy", b"same-site"))
     if answer.vary_accept:
         headers.append((b"vary", b"Accept"))
+    if tags:
+        tag = cache_tag(answer.image_id).encode()
+        headers += [(b"surrogate-key", tag), (b"cache-tag", tag)]
     if cache_status is not None:
         headers.append((b"x-cache", cache_status.encode()))
     if not answer.not_modified:

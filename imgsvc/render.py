@@ -55,6 +55,10 @@ class RenderResult:
         return self.image.visibility == "public"
 
     @property
+    def image_id(self) -> str:
+        return self.image.id
+
+    @property
     def rememberable(self) -> bool:
         """Whether every anonymous request for the same URL gets these very bytes and headers."""
         return self.public and self.expires is None and not self.not_modified

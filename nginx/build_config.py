@@ -28,11 +28,21 @@ PRODUCTION: Mapping[str, str] = {
     "CACHE_DIR": "/var/cache/nginx",
     "CACHE_MAX_SIZE": "20g",
     "CACHE_MIN_FREE": "2g",
-    "CACHE_VALID": "10m",  # how long a deleted image's variants may still come from nginx
+    # "second": a 200 is fresh until the second it was fetched or revalidated in ends, so a deleted image
+    # leaves nginx within 1 s; or an nginx time ("10m"): fewer revalidations, a delete leaves within it + 1 s.
+    "CACHE_VALID": "second",
     "LISTEN": "80",
     "RENDER_LISTEN": "127.0.0.1:8081",
-    "UPSTREAM": "127.0.0.1:8080",  # imgsvc: IMGSVC_HOST:IMGSVC_PORT
+    "UPSTREAM": "127.0.0.1:8080",  # imgsvc: IMGSVC_HOST:IMGSVC_PORT; several replicas comma-separated
     "MAX_BODY": "25000000",  # = IMGSVC_MAX_UPLOAD_BYTES
+    "STRIP_CACHE_TAGS": "off",  # "on" when browsers, not a CDN, are nginx's clients
+}
+# Switches: on/off values that stand for directives in the template.
+SWITCHES: Mapping[str, Mapping[str, str]] = {
+    "STRIP_CACHE_TAGS": {
+        "off": "# STRIP_CACHE_TAGS=off: Surrogate-Key and Cache-Tag reach the client (a CDN).",
+        "on": "proxy_hide_header Surrogate-Key; proxy_hide_header Cache-Tag;",
+    },
 }
 
 
@@ -52,11 +62,23 @@ def build(values: Mapping[str, str] | None = None, **overrides: str) -> str:
     """The template with PRODUCTION values updated by `values` and `overrides`; every name must be known and used."""
     merged = {**PRODUCTION, **(values or {}), **overrides}
     template = ConfTemplate(TEMPLATE.read_text())
-    names = set(template.get_identifiers())
+    names = set(template.get_identifiers()) - {"RENDER_TIER_EXPIRES"}  # derived below, not settable
     if unknown := sorted(set(merged) - names):
         raise KeyError(f"not in {TEMPLATE.name}: {', '.join(unknown)}")
     if missing := sorted(names - set(merged)):
         raise KeyError(f"no value for: {', '.join(missing)}")
+    # From CACHE_VALID: the render tier's X-Accel-Expires, and the public tier's validity without it.
+    if merged["CACHE_VALID"] == "second":
+        merged["CACHE_VALID"] = "1s"  # only for an answer that lacks the X-Accel-Expires
+        merged["RENDER_TIER_EXPIRES"] = "add_header X-Accel-Expires $img_fresh_until;"
+    else:
+        merged["RENDER_TIER_EXPIRES"] = f"# CACHE_VALID={merged['CACHE_VALID']}: the public tier's proxy_cache_valid"
+    for name, choices in SWITCHES.items():
+        if merged[name] not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {merged[name]!r}")
+        merged[name] = choices[merged[name]]
+    # One `server` line per replica: "a:8080,b:8080" -> "a:8080;\n        server b:8080".
+    merged["UPSTREAM"] = ";\n        server ".join(part.strip() for part in merged["UPSTREAM"].split(","))
     return BANNER + template.substitute(merged)
 
 
