@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -194,8 +195,10 @@ async def render_image(request: Request) -> Response:
         return _Prebuilt(304, variant_headers(result, cache_status=None, length=None, now=now, tags=tags))
     if result.rememberable and request.method == "GET":  # RequestContext answers it next time, as a hit
         key = request_key(request.scope["path"], request.scope["query_string"], request.headers.get("accept"))
-        svc.hits.store(key, result.image.id, result.variant_key, result.stamp,
-                       variant_headers(result, cache_status="hit", length=None, now=now, tags=tags))  # fmt: skip
+        not_modified = replace(result, outcome="not-modified", data=b"")
+        svc.hits.store(key, result.image.id, result.variant_key, result.stamp, result.etag,
+                       variant_headers(result, cache_status="hit", length=None, now=now, tags=tags),
+                       variant_headers(not_modified, cache_status=None, length=None, now=now, tags=tags))  # fmt: skip
     cache_status = "hit" if result.outcome == "hit" else "miss"
     headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now, tags=tags)
     return _Prebuilt(200, headers, b"" if request.method == "HEAD" else result.data)

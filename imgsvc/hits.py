@@ -1,5 +1,6 @@
 """Remembered hits: an anonymous request for a public variant, by its exact URL, answered again from the
-variant LRU without parsing, lookup or policy, for as long as the record it was rendered from is trusted."""
+variant LRU without parsing, lookup or policy (or with a 304 when it names the ETag: how nginx revalidates),
+for as long as the record it was rendered from is trusted."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from imgsvc import metrics
 from imgsvc.cache import ByteLRU
+from imgsvc.headers import etag_matches
 from imgsvc.records import RecordCache, RecordStamp
 from imgsvc.spec import accept_token
 
@@ -26,8 +28,17 @@ def request_key(path: str, query_string: bytes, accept: str | None) -> RequestKe
 @dataclass(frozen=True, slots=True)
 class RememberedHit:
     variant_key: str
+    etag: str
     headers: RawHeaders  # those of a 200 but the request id and length
+    not_modified_headers: RawHeaders  # those of its 304
     expires: float  # time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int  # 200, or 304 when the request's If-None-Match names the variant's ETag
+    headers: RawHeaders
+    body: bytes
 
 
 class HitIndex:
@@ -42,22 +53,36 @@ class HitIndex:
     def __len__(self) -> int:
         return len(self._hits)
 
-    def store(self, key: RequestKey, image_id: str, variant_key: str, stamp: RecordStamp, headers: RawHeaders) -> None:
-        """Remember a 200 that every anonymous request for `key` gets, trusted like the record it came from."""
+    def store(
+        self,
+        key: RequestKey,
+        image_id: str,
+        variant_key: str,
+        stamp: RecordStamp,
+        etag: str,
+        headers: RawHeaders,
+        not_modified_headers: RawHeaders,
+    ) -> None:
+        """Remember the 200 (and its 304) that every anonymous request for `key` gets, trusted like the record
+        it came from."""
         if self.variants.max_bytes and self.records.still_trusted(stamp, image_id):
             expires = stamp.looked_up + self.records.ttl
-            self._hits.put(key, RememberedHit(variant_key, headers, expires), group=image_id)
+            hit = RememberedHit(variant_key, etag, headers, not_modified_headers, expires)
+            self._hits.put(key, hit, group=image_id)
 
-    def answer(self, key: RequestKey) -> tuple[RawHeaders, bytes] | None:
-        """(headers, body) of a remembered request whose variant is still in the LRU, or None."""
+    def answer(self, key: RequestKey, if_none_match: str | None = None) -> Answer | None:
+        """The answer of a remembered request: a 304 if `if_none_match` names its ETag (no bytes needed, as on
+        the full path), else the 200 while its variant is still in the LRU; None otherwise."""
         hit = self._hits.get(key) if self.records.trusted else None
         if hit is None or hit.expires < time.monotonic():
             return None
+        if if_none_match is not None and etag_matches(if_none_match, hit.etag):
+            return Answer(304, hit.not_modified_headers, b"")
         data = self.variants.get(hit.variant_key)
         if data is None:
             return None
         _VARIANT_HIT.inc()
-        return hit.headers, data
+        return Answer(200, hit.headers, data)
 
     def forget(self, image_id: str) -> None:
         self._hits.evict_group(image_id)

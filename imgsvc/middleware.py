@@ -19,8 +19,8 @@ from imgsvc.hits import HitIndex, request_key
 
 RENDER_ROUTE = "/img/{id}"
 RENDER_PREFIX = RENDER_ROUTE.split("{", 1)[0]
-# Requests a remembered answer may serve: no credentials to check, no validator to compare.
-_FAST_PATH_BLOCKERS = frozenset({b"authorization", b"if-none-match", b"range"})
+# Requests a remembered answer may serve: no credentials to check, no range to cut (If-None-Match is compared).
+_FAST_PATH_BLOCKERS = frozenset({b"authorization", b"range"})
 _BYTES_IN, _BYTES_OUT = metrics.bytes_total.labels("in"), metrics.bytes_total.labels("out")
 
 
@@ -90,22 +90,27 @@ class RequestContext:
     async def _send_remembered(self, scope: Scope, send: Send, rid: str, started: float) -> bool:
         """Answer from the hit index; False when this request must take the full path."""
         accept: str | None = None
+        if_none_match: str | None = None
         for key, value in scope["headers"]:
             key = key.lower()
             if key in _FAST_PATH_BLOCKERS:
                 return False
             if key == b"accept" and accept is None:  # the first, as Starlette's headers.get() reads it
                 accept = value.decode("latin-1")
-        answer = self.hits.answer(request_key(scope["path"], scope["query_string"], accept))
+            elif key == b"if-none-match" and if_none_match is None:
+                if_none_match = value.decode("latin-1")
+        answer = self.hits.answer(request_key(scope["path"], scope["query_string"], accept), if_none_match)
         if answer is None:
             return False
-        headers, body = answer
-        headers = [*headers, (b"content-length", str(len(body)).encode()), *context_headers(rid)]
+        body = answer.body
+        headers = [*answer.headers, *context_headers(rid)]
+        if answer.status == 200:
+            headers.insert(len(answer.headers), (b"content-length", str(len(body)).encode()))
         if scope["method"] == "HEAD":
             body = b""
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self._finish(scope, RENDER_ROUTE, 200, started, 0, len(body), rid)
+        self._finish(scope, RENDER_ROUTE, answer.status, started, 0, len(body), rid)
         return True
 
     def _finish(self, scope: Scope, route: str, status: int, started: float, received: int, sent: int,

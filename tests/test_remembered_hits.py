@@ -52,7 +52,7 @@ async def test_a_repeat_is_answered_as_the_full_path_would(client: httpx.AsyncCl
     image_id = await _upload(client)
     url = f"/img/{image_id}?w=96&fmt=webp"
     first = await client.get(url)
-    full_hit = await client.get(url, headers={"If-None-Match": '"other"'})  # a validator: the full path
+    full_hit = await client.get(url, headers={"Range": "bytes=0-9"})  # a range: the full path (which ignores it)
     assert (first.headers["x-cache"], full_hit.headers["x-cache"]) == ("miss", "hit")
     _break_full_path(_renderer(client), monkeypatch)
     remembered = await client.get(url, headers={"X-Request-ID": "abc-123"})
@@ -88,14 +88,34 @@ async def test_a_delete_is_not_outlived(client: httpx.AsyncClient) -> None:
     assert (await client.get(url)).status_code == 404
 
 
-async def test_credentials_validators_and_ranges_take_the_full_path(client: httpx.AsyncClient, monkeypatch) -> None:
+async def test_credentials_and_ranges_take_the_full_path(client: httpx.AsyncClient, monkeypatch) -> None:
     image_id = await _upload(client)
     url = f"/img/{image_id}?w=64&fmt=webp"
-    etag = (await client.get(url)).headers["etag"]
+    assert (await client.get(url)).status_code == 200
     _break_full_path(_renderer(client), monkeypatch)
-    for headers in ({"Authorization": "Bearer x"}, {"If-None-Match": etag}, {"Range": "bytes=0-9"}):
+    for headers in ({"Authorization": "Bearer x"}, {"Range": "bytes=0-9"}):
         assert (await client.get(url, headers=headers)).status_code == 500, headers
     assert (await client.get(url)).status_code == 200
+
+
+async def test_a_revalidation_is_answered_304_as_the_full_path_would(client: httpx.AsyncClient, monkeypatch) -> None:
+    """How nginx revalidates its entries every second: If-None-Match with the ETag it holds."""
+    image_id = await _upload(client)
+    url = f"/img/{image_id}?w=64&fmt=webp"
+    etag = (await client.get(url, headers={"Range": "bytes=0-9"})).headers["etag"]  # full path, not remembered
+    full = await client.get(url, headers={"If-None-Match": etag, "Range": "bytes=0-9"})  # the full path's 304
+    assert (await client.get(url)).status_code == 200  # remembered now
+    _break_full_path(_renderer(client), monkeypatch)
+    _renderer(client).variants.clear()  # a 304 needs no bytes, on either path
+    for validator in (etag, f'W/{etag}', f'"other", {etag}', "*"):
+        remembered = await client.get(url, headers={"If-None-Match": validator})
+        assert (remembered.status_code, remembered.content) == (304, b""), validator
+        assert _without_request_id(remembered) == _without_request_id(full)
+    other = await client.get(url, headers={"If-None-Match": '"other"'})  # not current: needs the bytes
+    assert other.status_code == 500  # ... which were evicted, so the (broken) full path answers
+    monkeypatch.undo()
+    assert (await client.delete(f"/images/{image_id}")).status_code == 204
+    assert (await client.get(url, headers={"If-None-Match": etag})).status_code == 404  # never outlives a delete
 
 
 async def test_private_and_expiring_renders_are_never_remembered(settings) -> None:
@@ -169,11 +189,11 @@ async def test_what_a_lookup_before_a_listener_outage_or_long_ago_rendered_is_no
     headers = [(b"content-type", b"image/webp")]
     renderer.trust_records(False)
     renderer.trust_records(True)  # the listener reconnected after the lookup: a delete may have been missed
-    hits.store(("/img/x", b"", "legacy"), image_id, result.variant_key, result.stamp, headers)
+    hits.store(("/img/x", b"", "legacy"), image_id, result.variant_key, result.stamp, result.etag, headers, headers)
     assert len(hits) == 0
     again = await renderer.render(image_id, query, accept=None, principal=None, if_none_match=None)
     stale = replace(again.stamp, looked_up=again.stamp.looked_up - renderer.records.ttl)
-    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, stale, headers)
+    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, stale, again.etag, headers, headers)
     assert len(hits) == 0  # looked up longer ago than a record is trusted
-    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, again.stamp, headers)
+    hits.store(("/img/x", b"", "legacy"), image_id, again.variant_key, again.stamp, again.etag, headers, headers)
     assert len(hits) == 1
