@@ -5,23 +5,39 @@ Every field documents itself (variable, group, default, help); all errors are re
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from imgsvc.config_values import (
+    JwtAlgorithm,
+    is_loopback,
+    mask_secret,
+    parse_algorithms,
+    parse_any_or,
+    parse_bool,
+    parse_choice,
+    parse_database_url,
+    parse_float,
+    parse_int,
+    parse_member,
+    parse_prefix,
+    parse_public_url,
+    parse_signing_keys,
+    parse_storage_url,
+    parse_url,
+    parse_urls,
+    parse_widths,
+    show_value,
+)
 from imgsvc.errors import InvalidParameter
-from imgsvc.spec import DEFAULT_PRESETS, Presets, SpecLimits, format_presets, parse_presets, parse_query
+from imgsvc.spec import DEFAULT_PRESETS, Presets, SpecLimits, parse_presets, parse_query
 
 AuthMode = Literal["none", "introspect", "jwks"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Group = Literal["server", "storage", "auth", "render", "cache", "limits", "ops"]  # in the order they are shown
-# Asymmetric JWS algorithms only (RFC 8725 §3.1): a token can never be verified with a shared secret.
-JwtAlgorithm = Literal["EdDSA", "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("EdDSA", "ES256", "RS256")
 
 DEFAULT_WIDTHS = (16, 32, 48, 64, 96, 128, 256, 384, 640, 750, 828, 1080, 1200, 1920, 2048, 3840)
@@ -40,138 +56,10 @@ def _setting(
     return field(default=default, metadata=metadata)
 
 
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text.strip().replace("_", ""))
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"must be between {low} and {high if high is not None else 'any'}, got {value}")
-        return value
-
-    return parse
-
-
-def _float(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text.strip())
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _widths(text: str) -> tuple[int, ...] | None:
-    if text.strip() == "*":
-        return None
-    values = tuple(sorted({_int(1, 100_000)(part) for part in text.split(",") if part.strip()}))
-    if not values:
-        raise ValueError("needs at least one width, or * for any")
-    return values
-
-
-def _any_or(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...] | None]:
-    """A comma-separated list parsed item by item (sorted, deduplicated), or `*` for any value (None)."""
-
-    def parse_list(text: str) -> tuple[Any, ...] | None:
-        if text.strip() == "*":
-            return None
-        values = tuple(sorted({parse(part) for part in text.split(",") if part.strip()}))
-        if not values:
-            raise ValueError("needs at least one value, or * for any")
-        return values
-
-    return parse_list
-
-
-def _member(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip()
-        if value not in options:
-            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-    return parse
-
-
-def _signing_keys(text: str) -> tuple[tuple[str, str], ...]:
-    keys: list[tuple[str, str]] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        kid, sep, secret = part.partition(":")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", kid) or len(secret) < 32:
-            raise ValueError("expected kid:secret pairs separated by commas; kid [A-Za-z0-9_-]{1,32}, secret 32+ chars")
-        if kid in dict(keys):
-            raise ValueError(f"key id {kid!r} is given twice")
-        keys.append((kid, secret))
-    return tuple(keys)
-
-
-def _storage_url(text: str) -> str:
-    if not (text.startswith(("file:///", "s3://")) or text == "postgres:"):
-        raise ValueError(f"expected file:///absolute/path, s3://bucket/prefix or postgres:, got {text!r}")
-    return text
-
-
-def _url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
-    return text
-
-
-def _urls(text: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_url(part.strip()) for part in text.split(",") if part.strip()))
-
-
-def _prefix(text: str) -> str:
-    """A Cloudflare purge prefix: host/path without scheme, query or spaces."""
-    value = text.strip()
-    if "://" in value or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?/[^\s?#]*", value):
-        raise ValueError(f"expected host/path/ without a scheme, e.g. img.example.com/img/, got {text!r}")
-    return value
-
-
-def _algorithms(text: str) -> tuple[JwtAlgorithm, ...]:
-    parse = _member(get_args(JwtAlgorithm))
-    names = tuple(dict.fromkeys(parse(part) for part in text.split(",") if part.strip()))
-    if not names:
-        raise ValueError("needs at least one algorithm")
-    return names  # type: ignore[return-value]  # each one checked by _member
-
-
-def _database_url(text: str) -> str:
-    if not text.startswith(("postgres://", "postgresql://")):
-        raise ValueError("expected a postgresql:// DSN")
-    return text
-
-
-def _public_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise ValueError("expected an http:// or https:// base URL")
-    return text.rstrip("/")
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = _setting("127.0.0.1", "Bind address of the HTTP server.", group="server")
-    port: int = _setting(8080, "Bind port of the HTTP server.", parse=_int(1, 65535), group="server")
+    port: int = _setting(8080, "Bind port of the HTTP server.", parse=parse_int(1, 65535), group="server")
     forwarded_allow_ips: str = _setting(
         "127.0.0.1",
         "Proxies (comma-separated addresses, or *) whose X-Forwarded-For/-Proto are trusted.",
@@ -186,7 +74,7 @@ class Settings:
     database_url: str | None = _setting(
         None,
         "Postgres DSN; unset starts a private embedded Postgres in the data dir.",
-        parse=_database_url,
+        parse=parse_database_url,
         secret=True,
         group="storage",
     )
@@ -194,10 +82,12 @@ class Settings:
         None,
         "Blob store: file:///path, s3://bucket/prefix, or postgres: (bytea rows in the catalog "
         "database); unset means file://<data dir>/blobs.",
-        parse=_storage_url,
+        parse=parse_storage_url,
         group="storage",
     )
-    s3_endpoint_url: str | None = _setting(None, "S3-compatible endpoint (unset: AWS S3).", parse=_url, group="storage")
+    s3_endpoint_url: str | None = _setting(
+        None, "S3-compatible endpoint (unset: AWS S3).", parse=parse_url, group="storage"
+    )
     s3_region: str | None = _setting(
         None, "S3 region (unset: AWS_REGION / AWS_DEFAULT_REGION / AWS config).", group="storage"
     )
@@ -209,24 +99,24 @@ class Settings:
     s3_path_style: bool = _setting(
         False,
         "Path-style S3 addressing (http://host/bucket/key), which most S3-compatible stores need.",
-        parse=_bool,
+        parse=parse_bool,
         group="storage",
     )
     public_url: str | None = _setting(
         None,
         "Base URL used in the ready-made URLs of image JSON; unset means http://host:port.",
-        parse=_public_url,
+        parse=parse_public_url,
         group="server",
     )
     auth: AuthMode = _setting(
         "none",
         "Token verification: introspect (ask the main app), jwks (verify locally with its keys), or none "
         "(every caller is 'anonymous'; loopback only).",
-        parse=_choice(get_args(AuthMode)),
+        parse=parse_choice(get_args(AuthMode)),
         group="auth",
     )
     auth_introspect_url: str | None = _setting(
-        None, "The main app's RFC 7662 introspection endpoint.", parse=_url, group="auth"
+        None, "The main app's RFC 7662 introspection endpoint.", parse=parse_url, group="auth"
     )
     auth_client_id: str | None = _setting(
         None, "Client id imgsvc presents to the introspection endpoint.", group="auth"
@@ -237,10 +127,10 @@ class Settings:
     auth_cache_ttl: float = _setting(
         60.0,
         "Longest time an active introspection answer is reused (also capped by the token's exp).",
-        parse=_float(1, 3600),
+        parse=parse_float(1, 3600),
         group="auth",
     )
-    auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=_url, group="auth")
+    auth_jwks_url: str | None = _setting(None, "The main app's JWKS URL (auth=jwks).", parse=parse_url, group="auth")
     auth_issuer: str | None = _setting(None, "Required `iss` of tokens (auth=jwks).", group="auth")
     auth_audience: str | None = _setting(
         None, "Required `aud` of tokens: this service's name at the main app (required for jwks).", group="auth"
@@ -248,84 +138,92 @@ class Settings:
     auth_algorithms: tuple[JwtAlgorithm, ...] = _setting(
         DEFAULT_JWT_ALGORITHMS,
         "Accepted JWT algorithms, asymmetric only (auth=jwks).",
-        parse=_algorithms,
+        parse=parse_algorithms,
         group="auth",
     )
     upload_rate: int = _setting(
         60,
         "Uploads per minute per subject (bursts up to the same number); 0 disables the limit.",
-        parse=_int(0, 1_000_000),
+        parse=parse_int(0, 1_000_000),
         group="limits",
     )
     signing_keys: tuple[tuple[str, str], ...] = _setting(
         (),
         "Render URL signing keys as kid:secret,...; the first signs, all verify.",
-        parse=_signing_keys,
+        parse=parse_signing_keys,
         secret=True,
         group="auth",
     )
-    require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=_bool, group="auth")
+    require_signed: bool = _setting(False, "Every render URL needs a valid signature.", parse=parse_bool, group="auth")
     unsigned_widths: tuple[int, ...] | None = _setting(
         DEFAULT_WIDTHS,
         "Sizes (w or h, after dpr) an unsigned URL may ask for, comma-separated; * allows any within limits.",
-        parse=_widths,
+        parse=parse_widths,
         group="auth",
     )
     workers: int = _setting(
         (os.cpu_count() or 1) + 1,
         "Render worker threads (concurrent renders); one more than the cores keeps them busy while a render "
         "waits on Python or I/O.",
-        parse=_int(1, 256),
+        parse=parse_int(1, 256),
         group="render",
     )
     render_queue: int = _setting(
         64,
         "Renders that may wait for a worker; beyond this a render is refused with 503.",
-        parse=_int(0, 100_000),
+        parse=parse_int(0, 100_000),
         group="render",
     )
-    render_timeout: float = _setting(10.0, "Deadline of one render in seconds.", parse=_float(0.1, 600), group="render")
+    render_timeout: float = _setting(
+        10.0, "Deadline of one render in seconds.", parse=parse_float(0.1, 600), group="render"
+    )
     cache_bytes: int = _setting(
-        256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=_int(0), group="cache"
+        256 * MiB, "Rendered-variant LRU budget in bytes; 0 disables it.", parse=parse_int(0), group="cache"
     )
     originals_cache_bytes: int = _setting(
-        64 * MiB, "Budget in bytes of the LRU of recently read originals; 0 disables it.", parse=_int(0), group="cache"
+        64 * MiB,
+        "Budget in bytes of the LRU of recently read originals; 0 disables it.",
+        parse=parse_int(0),
+        group="cache",
     )
     decoded_cache_bytes: int = _setting(
         128 * MiB,
         "Budget in bytes of the LRU of decoded JPEG/PNG originals (one entry per JPEG scale), so that more "
         "sizes of a recent original skip its decode; 0 disables it. Larger decodes than a quarter are not kept.",
-        parse=_int(0),
+        parse=parse_int(0),
         group="cache",
     )
     max_upload_bytes: int = _setting(
-        25_000_000, "Largest accepted upload body in bytes.", parse=_int(1), group="limits"
+        25_000_000, "Largest accepted upload body in bytes.", parse=parse_int(1), group="limits"
     )
     upload_idle_timeout: float = _setting(
         30.0,
         "An upload whose body stops arriving for this many seconds is answered 408.",
-        parse=_float(0.1, 3600),
+        parse=parse_float(0.1, 3600),
         group="limits",
     )
     max_pixels: int = _setting(
-        50_000_000, "Largest accepted image in pixels, summed over animation frames.", parse=_int(1), group="limits"
+        50_000_000,
+        "Largest accepted image in pixels, summed over animation frames.",
+        parse=parse_int(1),
+        group="limits",
     )
     max_frames: int = _setting(
-        100, "Most animation frames accepted in an upload.", parse=_int(1, 100_000), group="limits"
+        100, "Most animation frames accepted in an upload.", parse=parse_int(1, 100_000), group="limits"
     )
     max_output_dim: int = _setting(
-        8192, "Largest width or height of a rendered variant.", parse=_int(1, 65_535), group="render"
+        8192, "Largest width or height of a rendered variant.", parse=parse_int(1, 65_535), group="render"
     )
     gc_grace_days: float = _setting(
         7.0,
         "Blobs no live image has referenced for this many days are removed by `imgsvc gc`.",
-        parse=_float(0, 3650),
+        parse=parse_float(0, 3650),
         group="ops",
     )
     gc_interval: float = _setting(
         0.0,
         "Seconds between garbage collections run by the service itself; 0 leaves it to `imgsvc gc`.",
-        parse=_float(0, 30 * 86400),
+        parse=parse_float(0, 30 * 86400),
         group="ops",
     )
     presets: Presets = _setting(
@@ -337,34 +235,34 @@ class Settings:
     drain_seconds: float = _setting(
         0.0,
         "After SIGTERM, seconds /readyz answers 503 while requests are still served (load balancer drain).",
-        parse=_float(0, 600),
+        parse=parse_float(0, 600),
         group="server",
     )
     shutdown_timeout: float = _setting(
         20.0,
         "Then, seconds in-flight requests get to finish before the process stops.",
-        parse=_float(0, 600),
+        parse=parse_float(0, 600),
         group="server",
     )
     access_log: bool = _setting(
         True,
         "One JSON access-log line per request (behind nginx, which logs too, off gains ~40% on LRU hits).",
-        parse=_bool,
+        parse=parse_bool,
         group="ops",
     )
-    log_level: LogLevel = _setting("info", "Log level.", parse=_choice(get_args(LogLevel)), group="ops")
+    log_level: LogLevel = _setting("info", "Log level.", parse=parse_choice(get_args(LogLevel)), group="ops")
     database_timeout: float = _setting(
         5.0,
         "Seconds a catalog query, or the wait for a database connection, may take before the request is answered "
         "503 /problems/unavailable (migrations are not bound by it).",
-        parse=_float(0.1, 600),
+        parse=parse_float(0.1, 600),
         group="storage",
     )
     record_ttl: float = _setting(
         30.0,
         "Seconds a replica trusts an image record it read (deletes evict it at once); during a database outage, "
         "renders of images whose record was read less than this long ago are still served.",
-        parse=_float(0, 3600),
+        parse=parse_float(0, 3600),
         group="cache",
     )
 
@@ -372,39 +270,39 @@ class Settings:
         DEFAULT_UNSIGNED_QUALITIES,
         "Values of q an unsigned URL may ask for (a format's default quality needs no q), comma-separated; "
         "* allows 1..100.",
-        parse=_any_or(_int(1, 100)),
+        parse=parse_any_or(parse_int(1, 100)),
         group="auth",
     )
     unsigned_formats: tuple[str, ...] | None = _setting(
         UNSIGNED_FORMATS,
         "Values of fmt an unsigned URL may ask for, comma-separated; * allows every format.",
-        parse=_any_or(_member(UNSIGNED_FORMATS)),
+        parse=parse_any_or(parse_member(UNSIGNED_FORMATS)),
         group="auth",
     )
     unsigned_gravities: tuple[str, ...] | None = _setting(
         UNSIGNED_GRAVITIES,
         "Values of g an unsigned URL may ask for, comma-separated; * also allows smart and entropy (which analyse "
         "the pixels).",
-        parse=_any_or(_member((*UNSIGNED_GRAVITIES, "smart", "entropy"))),
+        parse=parse_any_or(parse_member((*UNSIGNED_GRAVITIES, "smart", "entropy"))),
         group="auth",
     )
     unsigned_effects: bool = _setting(
         False,
         "Unsigned URLs may also set blur and bg (any value, each a new render); presets always may.",
-        parse=_bool,
+        parse=parse_bool,
         group="auth",
     )
     render_rate: int = _setting(
         120,
         "Render misses per minute per client address (after a trusted proxy's X-Forwarded-For); 0 disables "
         "the limit; images:admin tokens are exempt.",
-        parse=_int(0, 1_000_000),
+        parse=parse_int(0, 1_000_000),
         group="limits",
     )
     render_burst: int = _setting(
         30,
         "Render misses one client address may make at once before IMGSVC_RENDER_RATE applies.",
-        parse=_int(1, 1_000_000),
+        parse=parse_int(1, 1_000_000),
         group="limits",
     )
     max_jpeg_scans: int = _setting(
@@ -412,75 +310,75 @@ class Settings:
         "Most scans (SOS segments) in an accepted JPEG, counted from the bytes before decoding: libjpeg reads every "
         "scan over the whole image, so 10,000 empty scans in 474 KB cost ~16 s of CPU. Ordinary progressive JPEGs "
         "have 6-10; libtiff stops a JPEG inside a TIFF at 100 scans too.",
-        parse=_int(1, 1_000_000),
+        parse=parse_int(1, 1_000_000),
         group="limits",
     )
     max_png_chunks: int = _setting(
         10_000,
         "Most PNG chunks (25 MB written in libpng's 8 KiB IDAT chunks are ~3,100; walking 10,000 takes ~3 ms).",
-        parse=_int(3, 10_000_000),
+        parse=parse_int(3, 10_000_000),
         group="limits",
     )
     max_png_text_bytes: int = _setting(
         8_000_000,
         "Most bytes of PNG text (tEXt, zTXt, iTXt), summed and decompressed (a zTXt bomb is stopped there).",
-        parse=_int(0),
+        parse=parse_int(0),
         group="limits",
     )
     isolate_pixels: int = _setting(
         16_000_000,
         "WebP, AVIF and HEIF frames of more pixels are decoded in a child process killed at the deadline: their "
         "decoders cannot be interrupted (a 16 MP frame overshoots a deadline by ~0.7 s in-process); 0 isolates all.",
-        parse=_int(0),
+        parse=parse_int(0),
         group="render",
     )
     header_timeout: float = _setting(
         10.0,
         "Seconds a client has to send a request's complete headers, counted from the connection's start or the "
         "request's first byte; then 408 and the connection is closed.",
-        parse=_float(0.5, 600),
+        parse=parse_float(0.5, 600),
         group="limits",
     )
     body_min_rate: int = _setting(
         1024,
         "Least upload rate in bytes per second, averaged over each IMGSVC_BODY_RATE_WINDOW; a slower body gets "
         "408. 0 leaves only IMGSVC_UPLOAD_IDLE_TIMEOUT.",
-        parse=_int(0, 1_000_000_000),
+        parse=parse_int(0, 1_000_000_000),
         group="limits",
     )
     body_rate_window: float = _setting(
-        10.0, "Seconds over which IMGSVC_BODY_MIN_RATE is averaged.", parse=_float(0.5, 600), group="limits"
+        10.0, "Seconds over which IMGSVC_BODY_MIN_RATE is averaged.", parse=parse_float(0.5, 600), group="limits"
     )
     max_connections: int = _setting(
         1000,
         "Most open client connections; one more is answered 503 and closed at once, so that clients cannot "
         "exhaust file descriptors.",
-        parse=_int(1, 1_000_000),
+        parse=parse_int(1, 1_000_000),
         group="limits",
     )
     backlog: int = _setting(
         2048,
         "Listen backlog: connections the kernel queues before imgsvc accepts them (capped by net.core.somaxconn).",
-        parse=_int(1, 65_535),
+        parse=parse_int(1, 65_535),
         group="server",
     )
     s3_connect_timeout: float = _setting(
-        2.0, "Seconds to open a connection to S3, per attempt.", parse=_float(0.1, 60), group="storage"
+        2.0, "Seconds to open a connection to S3, per attempt.", parse=parse_float(0.1, 60), group="storage"
     )
     s3_read_timeout: float = _setting(
         5.0,
         "Seconds S3 may stay silent while answering (per read, per attempt).",
-        parse=_float(0.1, 300),
+        parse=parse_float(0.1, 300),
         group="storage",
     )
     s3_max_attempts: int = _setting(
         3, "Attempts per S3 request, the first included (botocore standard retries, jittered backoff); past "
-        "them the request answers 503.", parse=_int(1, 10), group="storage",
+        "them the request answers 503.", parse=parse_int(1, 10), group="storage",
     )  # fmt: skip
     purge_webhooks: tuple[str, ...] = _setting(
         (),
         "CDN purge: URLs (comma-separated) that receive a signed JSON POST for every deleted image.",
-        parse=_urls,
+        parse=parse_urls,
         group="cache",
     )
     purge_webhook_secret: str | None = _setting(
@@ -496,13 +394,13 @@ class Settings:
         None, "CDN purge: Cloudflare API token with Cache Purge permission.", secret=True, group="cache"
     )
     purge_cloudflare_url: str = _setting(
-        "https://api.cloudflare.com/client/v4", "CDN purge: Cloudflare API base URL.", parse=_url, group="cache"
+        "https://api.cloudflare.com/client/v4", "CDN purge: Cloudflare API base URL.", parse=parse_url, group="cache"
     )
     purge_cloudflare_prefix: str = _setting(
         "",
         "CDN purge: purge Cloudflare by URL prefix <this><image id> (e.g. img.example.com/img/) instead of by "
         "cache tag; empty purges the tag img-<id>.",
-        parse=_prefix,
+        parse=parse_prefix,
         group="cache",
     )
     purge_fastly_service: str | None = _setting(
@@ -511,29 +409,29 @@ class Settings:
     purge_fastly_key: str | None = _setting(
         None, "CDN purge: Fastly API token with purge_select scope.", secret=True, group="cache"
     )
-    purge_fastly_url: str = _setting("https://api.fastly.com", "CDN purge: Fastly API base URL.", parse=_url,
+    purge_fastly_url: str = _setting("https://api.fastly.com", "CDN purge: Fastly API base URL.", parse=parse_url,
                                      group="cache")  # fmt: skip
     purge_timeout: float = _setting(
-        10.0, "CDN purge: seconds one purge request may take before it counts as failed.", parse=_float(0.1, 300),
+        10.0, "CDN purge: seconds one purge request may take before it counts as failed.", parse=parse_float(0.1, 300),
         group="cache",
     )  # fmt: skip
     purge_retry_base: float = _setting(
         1.0, "CDN purge: first retry delay in seconds, doubled per failed attempt (jittered).",
-        parse=_float(0.01, 3600), group="cache",
+        parse=parse_float(0.01, 3600), group="cache",
     )  # fmt: skip
     purge_retry_max: float = _setting(
         60.0, "CDN purge: longest retry delay in seconds: after a purge API comes back, the backlog is delivered "
-        "within about this long.", parse=_float(0.01, 86400), group="cache",
+        "within about this long.", parse=parse_float(0.01, 86400), group="cache",
     )  # fmt: skip
     purge_keep_days: float = _setting(
         7.0, "CDN purge: delivered purge jobs older than this are removed by garbage collection.",
-        parse=_float(0, 3650), group="cache",
+        parse=parse_float(0, 3650), group="cache",
     )  # fmt: skip
     cache_tags: bool = _setting(
         True,
         "Tag every /img/ response with its image (`Surrogate-Key` and `Cache-Tag`: `img-<id>`), so a CDN can purge "
         "all variants of a deleted image at once.",
-        parse=_bool,
+        parse=parse_bool,
         group="cache",
     )
 
@@ -608,7 +506,7 @@ class Settings:
         rows = []
         for f in sorted(fields(self), key=lambda f: GROUPS.index(f.metadata["group"])):
             value = getattr(self, f.name)
-            shown = _mask(str(value)) if f.metadata["secret"] and value else _show(value)
+            shown = mask_secret(str(value)) if f.metadata["secret"] and value else show_value(value)
             rows.append((f.metadata["group"], env_name(f.name), shown, f.metadata["help"]))
         return rows
 
@@ -624,34 +522,3 @@ class ConfigError(Exception):
 
 def env_name(field_name: str) -> str:
     return "IMGSVC_" + field_name.upper()
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except OSError:
-            return False
-
-
-def _mask(secret: str) -> str:
-    """Hide a DSN's password but keep the rest, which operators need to see; hide other secrets whole."""
-    scheme, sep, rest = secret.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if sep and at:
-        return f"{scheme}://{userinfo.partition(':')[0]}:****@{host}"
-    return "****"
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "(unset)"
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value) or "(none)"
-    if isinstance(value, Mapping):
-        return format_presets(value) or "(none)"
-    return str(value)

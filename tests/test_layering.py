@@ -10,7 +10,8 @@ from tests.conftest import REPO
 LAYERS = [
     {"errors", "metrics", "logs"},
     {"spec"},
-    {"config"},  # parses presets with spec's rules
+    {"config_values"},  # parsers of IMGSVC_* values; presets with spec's rules
+    {"config"},
     {"structure", "isolation"},
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge"},
     {"sniffing", "vips_hardening", "deadline"},
