@@ -21,6 +21,8 @@ from imgsvc.auth import NoAuth, Verifier
 from imgsvc.cache import ByteLRU
 from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
+from imgsvc.console import console_routes
+from imgsvc.cors import Cors
 from imgsvc.embedded import EmbeddedPostgres, supervised
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
@@ -193,12 +195,9 @@ async def handle_error(request: Request, exc: Exception) -> Response:
     headers = {**error.headers, "Cache-Control": error_cache_control(error.status, render_route=render_route)}
     response = JSONResponse(error.problem(), error.status, headers=headers, media_type="application/problem+json")
     if not isinstance(exc, (ImgsvcError, HTTPException)):  # sent from outside every middleware: add its context
-        response.raw_headers += context_headers(_request_id(request))
+        state = request.scope.get("state", {})
+        response.raw_headers += context_headers(str(state.get("request_id", ""))) + state.get("cors_headers", [])
     return response
-
-
-def _request_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("request_id", ""))
 
 
 def create_app(settings: Settings | None = None, *, draining: threading.Event | None = None) -> Starlette:
@@ -228,10 +227,14 @@ def create_app(settings: Settings | None = None, *, draining: threading.Event | 
         Route("/readyz", endpoints.readyz, methods=["GET"]),
         Route("/metrics", endpoints.metrics_text, methods=["GET"]),
         Route("/openapi.json", endpoints.openapi_json, methods=["GET"]),
+        *(console_routes() if settings.console else []),
     ]
     # Starlette's stack: its 500 handler, then RequestContext, the outermost of ours: a remembered hit is
-    # answered there before exception handling, routing, authentication or parsing; then the error handlers.
+    # answered there before exception handling, routing, authentication or parsing; then CORS of the API
+    # (preflights answered, error answers included); then the error handlers.
     middleware = [Middleware(RequestContext, hits=hits, access_log=settings.access_log)]
+    if settings.cors_origins:
+        middleware.append(Middleware(Cors, origins=settings.cors_origins, on_refused=handle_error))
     app = Starlette(
         routes=routes,
         middleware=middleware,

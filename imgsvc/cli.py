@@ -211,8 +211,11 @@ def serve(settings: Settings) -> int:
     from imgsvc.server import ClientLimits, DrainingServer, fit_connections, guarded_protocol, tune_malloc
 
     tune_malloc()
+    settings = with_local_console(settings)
     max_connections = fit_connections(settings.max_connections)
     print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
+    if settings.console:
+        print(f"imgsvc: console on {settings.effective_public_url}/console", flush=True)
     draining = threading.Event()  # set by the server on SIGTERM, read by /readyz
     app = create_app(settings, draining=draining)
     config = uvicorn.Config(
@@ -231,3 +234,16 @@ def serve(settings: Settings) -> int:
     )
     DrainingServer(config, draining, settings.drain_seconds).run()
     return 0
+
+
+def with_local_console(settings: Settings) -> Settings:
+    """`make run`'s setup (a loopback bind, the embedded database and blob store) gets the console unless
+    IMGSVC_CONSOLE says otherwise; any other setup only with IMGSVC_CONSOLE=true."""
+    from dataclasses import replace
+
+    from imgsvc.config_values import is_loopback
+
+    if settings.console is not None:
+        return settings
+    local = is_loopback(settings.host) and settings.database_url is None and settings.storage_url is None
+    return replace(settings, console=local)

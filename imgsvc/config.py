@@ -23,6 +23,7 @@ from imgsvc.config_values import (
     parse_float,
     parse_int,
     parse_member,
+    parse_origins,
     parse_prefix,
     parse_public_url,
     parse_signing_keys,
@@ -433,6 +434,20 @@ class Settings:
         "all variants of a deleted image at once.",
         parse=parse_bool,
         group="cache",
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "Web origins (scheme://host[:port], comma-separated) whose pages may call the /images API from browsers "
+        "with a bearer token (CORS); none by default; no * (see the README's Decisions).",
+        parse=parse_origins,
+        group="server",
+    )
+    console: bool | None = _setting(
+        None,
+        "Serve the console page at /console. Unset: on for `imgsvc serve` bound to a loopback address with the "
+        "embedded database and blob store (make run), off otherwise.",
+        parse=parse_bool,
+        group="server",
     )
 
     @property

@@ -172,3 +172,23 @@ def show_value(value: object) -> str:
     if isinstance(value, Mapping):
         return format_presets(value) or "(none)"
     return str(value)
+
+
+def parse_origin(text: str) -> str:
+    """A web origin as browsers send it in `Origin`: scheme://host[:port], lower case, default port left out."""
+    value = text.strip()
+    if value == "*" or value == "null":
+        raise ValueError(f"{value} is not accepted: list each origin (README, Decisions: CORS)")
+    match = re.fullmatch(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?", value, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"expected scheme://host[:port] without a path, e.g. https://app.example.com, got {text!r}")
+    scheme, host, port = match[1].lower(), match[2].lower(), match[3]
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    if port is None or int(port) == {"http": 80, "https": 443}[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(parse_origin(part) for part in text.split(",") if part.strip()))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,22 @@ class Browser:
             raise RuntimeError(result["exceptionDetails"])
         return result["result"].get("value")
 
+    def wait_until(self, expression: str, timeout: float = 30.0) -> Any:
+        """Poll a page expression until it is truthy (bounded); its value."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise TimeoutError(f"never true: {expression}")
+
+    def set_files(self, selector: str, paths: list[Path]) -> None:
+        """Choose files in an `<input type=file>` as a user would (fires its change event)."""
+        root = self.call("DOM.getDocument")["root"]["nodeId"]
+        node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(p) for p in paths]})
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
         path.write_bytes(base64.b64decode(data))
@@ -134,3 +151,10 @@ class Browser:
                 self.proc.kill()
                 self.proc.wait(5)
         shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def running_browser() -> Iterator[Browser]:
+    """A started headless Chromium, stopped afterwards: `pytest.fixture(running_browser, name="browser")`."""
+    chromium = Browser().start()
+    yield chromium
+    chromium.stop()

@@ -20,7 +20,7 @@ LAYERS = [
     {"hits"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},
-    {"endpoints", "middleware"},
+    {"endpoints", "middleware", "cors", "console"},
     {"app"},
     {"server"},
     {"cli"},
