@@ -112,6 +112,12 @@ class Browser:
             time.sleep(0.05)
         raise TimeoutError(f"never true: {expression}")
 
+    def fill(self, selector: str, value: str) -> None:
+        """Set a form field's value as typing does (fires its input event)."""
+        field = f"document.querySelector({json.dumps(selector)})"
+        typed = "f.dispatchEvent(new Event('input', {bubbles: true}))"
+        self.evaluate(f"(f => {{ f.value = {json.dumps(value)}; {typed}; }})({field})")
+
     def set_files(self, selector: str, paths: list[Path]) -> None:
         """Choose files in an `<input type=file>` as a user would (fires its change event)."""
         root = self.call("DOM.getDocument")["root"]["nodeId"]

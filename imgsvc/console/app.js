@@ -1,5 +1,5 @@
 // The imgsvc console: every action is a call of the public API, with the pasted bearer token if any.
-import { thumbHashDataURL } from "./thumbhash.js";
+import { placeholderStyle } from "./thumbhash.js";
 
 const TOKEN_KEY = "imgsvc-console-token";
 const SIZES = "(max-width: 640px) 100vw, 640px";
@@ -113,7 +113,7 @@ function addTile(image, first) {
   tile.className = "tile";
   tile.dataset.id = image.id;
   tile.style.aspectRatio = `${image.width} / ${image.height}`;
-  paintPlaceholder(tile, image.placeholder);
+  Object.assign(tile.style, placeholderStyle(image.placeholder)); // painted before the render arrives
   const img = document.createElement("img");
   img.alt = image.original_filename || image.id;
   img.addEventListener("load", () => img.classList.add("loaded"));
@@ -125,21 +125,6 @@ function addTile(image, first) {
   if (first) $("grid").prepend(tile);
   else $("grid").append(tile);
   loadThumbnail(image, img);
-}
-
-/** the dominant colour at once, then the ThumbHash's picture over it, both before any render arrives */
-function paintPlaceholder(tile, placeholder) {
-  if (!placeholder) return;
-  if (placeholder.dominant_color) tile.style.backgroundColor = placeholder.dominant_color;
-  else if (placeholder.average_color) tile.style.backgroundColor = placeholder.average_color;
-  if (placeholder.thumbhash) {
-    try {
-      tile.style.backgroundImage = `url("${thumbHashDataURL(placeholder.thumbhash)}")`;
-      tile.dataset.thumbhash = "painted";
-    } catch {
-      tile.dataset.thumbhash = "unreadable"; // the colour stays
-    }
-  }
 }
 
 async function loadThumbnail(image, img) {

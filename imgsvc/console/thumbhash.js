@@ -88,3 +88,18 @@ export function thumbHashDataURL(text) {
   canvas.getContext("2d").putImageData(new ImageData(rgba, w, h), 0, 0);
   return canvas.toDataURL("image/png");
 }
+
+/** the CSS of a tile before its render arrives: the dominant colour at once, the ThumbHash's picture over it */
+export function placeholderStyle(placeholder) {
+  const style = {};
+  const colour = placeholder?.dominant_color || placeholder?.average_color;
+  if (colour) style.backgroundColor = colour;
+  if (placeholder?.thumbhash) {
+    try {
+      style.backgroundImage = `url("${thumbHashDataURL(placeholder.thumbhash)}")`;
+    } catch {
+      // an unreadable hash leaves the colour
+    }
+  }
+  return style;
+}
