@@ -60,6 +60,18 @@ def test_the_console_is_on_for_make_runs_setup_and_else_only_when_asked(
     assert with_local_console(settings).console is expected
 
 
+def test_make_runs_setup_serves_the_console(tmp_path: Path) -> None:
+    """`imgsvc serve` with the embedded defaults on loopback, as `make run` starts it: the console is there."""
+    server = ServerProcess({"IMGSVC_DATA_DIR": str(tmp_path / "data"), "IMGSVC_WORKERS": "1"}, tmp_path / "run.log")
+    server.start(timeout=120)
+    try:
+        page = httpx.get(f"{server.url}/console", timeout=30)
+        assert page.status_code == 200 and "imgsvc console" in page.text
+    finally:
+        server.stop()
+    assert f"imgsvc: console on {server.url}/console" in (tmp_path / "run.log").read_text()
+
+
 async def test_the_console_is_404_unless_enabled(client: httpx.AsyncClient) -> None:
     for path in ("/console", "/console/app.js"):
         response = await client.get(path)

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from imgsvc.app import create_app
 from imgsvc.config import ConfigError, Settings
 from tests.browser import Browser, running_browser
 from tests.conftest import (
@@ -119,6 +124,27 @@ async def test_answers_carry_the_origin_errors_included(cors_client: httpx.Async
     assert refused.headers["content-type"] == "application/problem+json"
     exposed = listed(created.headers["access-control-expose-headers"])
     assert {"location", "idempotent-replayed", "retry-after"} <= exposed
+
+
+async def test_even_a_500_carries_the_origin(settings: Settings) -> None:
+    """A bug's 500 is sent from outside every middleware (Starlette's error middleware): it gets the headers too."""
+    app = create_app(with_settings(settings, cors_origins=(ORIGIN,)))
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app.router.routes.append(Route("/images/{id}/broken", broken))
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["state"] = dict(state)
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            response = await client.get("/images/x/broken", headers={"Origin": ORIGIN})
+    assert response.status_code == 500 and response.json()["type"] == "/problems/internal-error"
+    assert response.headers["access-control-allow-origin"] == ORIGIN
 
 
 async def test_render_routes_answer_as_without_cors(cors_client: httpx.AsyncClient, settings: Settings) -> None:
