@@ -31,6 +31,20 @@ CSP = (
     "form-action 'none'; frame-ancestors 'none'"
 )
 browser_fixture = pytest.fixture(running_browser, name="browser")
+WATCH_PROGRESS = """window.progressSeen = [];
+new MutationObserver(() => progressSeen.push(document.getElementById('progress-text').textContent))
+  .observe(document.getElementById('progress-text'), {childList: true, characterData: true, subtree: true})"""
+DROP_A_PNG = """(async () => {
+  const canvas = Object.assign(document.createElement('canvas'), {width: 300, height: 200});
+  const pen = canvas.getContext('2d');
+  pen.fillStyle = '#1e90ff';
+  pen.fillRect(0, 0, 300, 200);
+  const blob = await new Promise(done => canvas.toBlob(done, 'image/png'));
+  const files = new DataTransfer();
+  files.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true,
+                                                                       cancelable: true}));
+})()"""
 # Random hashes (landscape without alpha, portrait with) and pixels of them decoded by a line-by-line port of
 # the reference decoder (github.com/evanw/thumbhash), pixel index -> RGBA; the page's decoder matched it exactly.
 REFERENCE_THUMBHASHES = [
@@ -141,8 +155,10 @@ def test_the_console_at_work_in_chromium(
         browser.fill("#token", token)
         browser.evaluate("document.getElementById('use-token').click()")
         browser.wait_until("document.getElementById('status').textContent.startsWith('No images yet')")
+        browser.evaluate(WATCH_PROGRESS)
         browser.set_files("#file", [FLICKR])
         image_id = browser.wait_until("document.querySelector('#grid .tile')?.dataset.id")
+        assert f"{FLICKR.name}: 100%" in browser.evaluate("window.progressSeen")  # the XHR's upload progress
         image = httpx.get(f"{server.url}/images/{image_id}", headers={"Authorization": f"Bearer {token}"}).json()
         assert image["original_filename"] == FLICKR.name
         browser.wait_until("document.querySelector('#grid .tile img').classList.contains('loaded')")
@@ -166,17 +182,25 @@ def test_the_console_at_work_in_chromium(
         screenshot = browser.screenshot(tmp_path / "console.png")
         print(f"console screenshot: {screenshot}")
 
+        # A file dropped on the drop zone is uploaded, put first in the grid and selected.
+        browser.evaluate(DROP_A_PNG)
+        tiles = "[...document.querySelectorAll('#grid .tile')].map(t => t.dataset.id)"
+        dropped_id, first_id = browser.wait_until(f"(t => t.length === 2 && t)({tiles})")
+        assert first_id == image_id
+        assert browser.wait_until("document.getElementById('builder-name').textContent").startswith("dropped.png")
+
         # Delete asks first: cancelling keeps the image, confirming deletes it everywhere.
         browser.evaluate("document.getElementById('delete').click()")
         assert browser.evaluate("document.getElementById('confirm').open")
         browser.evaluate("document.getElementById('confirm-cancel').click()")
         assert not browser.evaluate("document.getElementById('confirm').open")
-        assert browser.evaluate("document.querySelectorAll('#grid .tile').length") == 1
+        assert browser.evaluate(tiles) == [dropped_id, image_id]
         browser.evaluate("document.getElementById('delete').click()")
         browser.evaluate("document.getElementById('confirm-delete').click()")
-        browser.wait_until("document.querySelectorAll('#grid .tile').length === 0")
-        gone = httpx.get(f"{server.url}/images/{image_id}", headers={"Authorization": f"Bearer {token}"})
-        assert gone.status_code == 404
+        assert browser.wait_until(f"(t => t.length === 1 && t)({tiles})") == [image_id]
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{server.url}/images/{dropped_id}", headers=auth).status_code == 404
+        assert httpx.get(f"{server.url}/images/{image_id}", headers=auth).status_code == 200
 
         # The page's ThumbHash decoder: a flat hash gives its colour over the whole 32 x 18 placeholder.
         flat = thumbhash(40, 20, 44, 4)
