@@ -182,12 +182,20 @@ def test_the_console_at_work_in_chromium(
         screenshot = browser.screenshot(tmp_path / "console.png")
         print(f"console screenshot: {screenshot}")
 
-        # A file dropped on the drop zone is uploaded, put first in the grid and selected.
+        # A file dropped on the drop zone is uploaded, put first in the grid and selected; a private one's
+        # thumbnail and preview show too (fetched with the token).
+        browser.evaluate("document.getElementById('visibility').value = 'private'")
         browser.evaluate(DROP_A_PNG)
         tiles = "[...document.querySelectorAll('#grid .tile')].map(t => t.dataset.id)"
         dropped_id, first_id = browser.wait_until(f"(t => t.length === 2 && t)({tiles})")
         assert first_id == image_id
         assert browser.wait_until("document.getElementById('builder-name').textContent").startswith("dropped.png")
+        private = httpx.get(f"{server.url}/images/{dropped_id}", headers={"Authorization": f"Bearer {token}"})
+        assert private.json()["visibility"] == "private"
+        assert httpx.get(f"{server.url}/img/{dropped_id}?w=256").status_code == 401  # not without the token
+        browser.wait_until("document.querySelector('#grid .tile img').classList.contains('loaded')")
+        assert browser.evaluate("document.querySelector('#grid .tile img').naturalWidth") == 256
+        assert browser.wait_until(f"(s => s[1] === 'w=256&fmt=webp&dpr=2' && s)({size})")[0] == 300  # no upscaling
 
         # Delete asks first: cancelling keeps the image, confirming deletes it everywhere.
         browser.evaluate("document.getElementById('delete').click()")

@@ -64,6 +64,8 @@ function uploadFile(file) {
     xhr.addEventListener("error", () => reject(new Error(`${file.name}: the upload failed (network)`)));
     const form = new FormData();
     form.append("file", file, file.name);
+    form.append("visibility", $("visibility").value);
+    if ($("category").value.trim()) form.append("category", $("category").value.trim());
     xhr.send(form);
   });
 }
@@ -119,7 +121,8 @@ function addTile(image, first) {
   img.addEventListener("load", () => img.classList.add("loaded"));
   const caption = document.createElement("span");
   caption.className = "caption";
-  caption.textContent = `${image.original_filename || image.id} · ${image.width}×${image.height}`;
+  const lock = image.visibility === "private" ? "private · " : "";
+  caption.textContent = `${lock}${image.original_filename || image.id} · ${image.width}×${image.height}`;
   tile.append(img, caption);
   tile.addEventListener("click", () => select(image.id));
   if (first) $("grid").prepend(tile);
