@@ -29,7 +29,7 @@ def is_api(path: str) -> bool:
 
 
 def allow_headers(origin: str) -> list[tuple[bytes, bytes]]:
-    """What a response to a listed origin carries (also added by the 500 handler, which answers from outside)."""
+    """What a response to a listed origin carries besides `Vary: Origin`."""
     return [(b"access-control-allow-origin", origin.encode()), (b"access-control-expose-headers", EXPOSE_HEADERS)]
 
 
@@ -69,8 +69,8 @@ class Cors:
             await self._preflight(scope, receive, send, origin, listed)
             return
         extra = allow_headers(origin) if listed and origin is not None else []
-        if extra:
-            scope.setdefault("state", {})["cors_headers"] = extra
+        if extra:  # for the 500 handler, which answers from outside this middleware
+            scope.setdefault("state", {})["cors_headers"] = [*extra, (b"vary", b"Origin")]
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":

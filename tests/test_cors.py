@@ -145,6 +145,7 @@ async def test_even_a_500_carries_the_origin(settings: Settings) -> None:
             response = await client.get("/images/x/broken", headers={"Origin": ORIGIN})
     assert response.status_code == 500 and response.json()["type"] == "/problems/internal-error"
     assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "origin" in listed(response.headers["vary"])
 
 
 async def test_render_routes_answer_as_without_cors(cors_client: httpx.AsyncClient, settings: Settings) -> None:
