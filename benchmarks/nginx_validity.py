@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args()
+    configs = {name: CONFIGS[name] for name in dict.fromkeys(["plain 10m", *args.configs])}
     nginx_bin = find_nginx()
     if nginx_bin is None:
         raise SystemExit("nginx is not installed (apt-get install nginx libnginx-mod-http-lua)")
@@ -61,12 +63,13 @@ def main() -> None:
             name: NginxProcess(
                 nginx_bin, Path(tmp) / name.split()[0], app_url.removeprefix("http://"), purge_key=KEY, **values
             )
-            for name, values in CONFIGS.items()
+            for name, values in configs.items()
         }
         try:
             for node in nodes.values():
                 node.start()
-            feed(nodes["deny-list 10m"])
+            if "deny-list 10m" in nodes:
+                feed(nodes["deny-list 10m"])
             created = httpx.post(f"{app_url}/images", content=SOURCE, headers={"Content-Type": "image/jpeg"})
             image_id = created.json()["id"]
             script = Path(tmp) / "widths.lua"
@@ -86,7 +89,7 @@ def main() -> None:
                     )  # fmt: skip
             workloads = {"1 URL": f"/img/{image_id}?fmt=webp&w=256", "200 URLs": f"/img/{image_id}?fmt=webp&w=100"}
             runs: dict[tuple[str, int, str], list[measure.Run]] = {}
-            names = list(CONFIGS)
+            names = list(configs)
             for rnd in range(args.rounds):
                 order = names[rnd % len(names) :] + names[: rnd % len(names)]
                 for workload, path in workloads.items():
@@ -115,7 +118,7 @@ def main() -> None:
     for workload in workloads:
         for connections in args.connections:
             base = runs[(workload, connections, "plain 10m")]
-            for name in CONFIGS:
+            for name in configs:
                 rs = runs[(workload, connections, name)]
                 rps = statistics.median(r.rps for r in rs)
                 ratios = [a.rps / b.rps for a, b in zip(rs, base, strict=True)]
