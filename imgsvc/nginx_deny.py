@@ -80,7 +80,7 @@ async def keep_synced(client: httpx.AsyncClient, pool: asyncpg.Pool, base: str, 
             if failing:
                 log.info("nginx %s answers again", base)
             failing = False
-        except (httpx.HTTPError, ValueError, KeyError, RuntimeError, asyncpg.PostgresError, OSError) as exc:
+        except Exception as exc:  # the node or the database is away (or the pool's Unavailable): ask again soon
             if not failing:
                 log.warning("nginx %s: deny-list not synced (%r)", base, exc)
             failing = True
