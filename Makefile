@@ -29,7 +29,8 @@ lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.test-deps
-	command -v wrk >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk nginx)
+	command -v wrk >/dev/null && command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] \
+		|| (apt-get update -qq && apt-get install -y -qq wrk nginx libnginx-mod-http-lua)
 	cd benchmarks && ../$(BIN)/python foundation.py
 	cd benchmarks && ../$(BIN)/python latency.py
 	cd benchmarks && ../$(BIN)/python auth.py

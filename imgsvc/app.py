@@ -114,6 +114,7 @@ def purge_targets(settings: Settings) -> list[Target]:
     if settings.purge_fastly_service and settings.purge_fastly_key:
         targets.append(Target("fastly", settings.purge_fastly_url, settings.purge_fastly_service,
                               settings.purge_fastly_key))  # fmt: skip
+    targets += [Target("nginx", url, secret=settings.purge_nginx_key or "") for url in settings.purge_nginx]
     return targets
 
 

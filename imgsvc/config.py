@@ -449,6 +449,21 @@ class Settings:
         parse=parse_bool,
         group="server",
     )
+    purge_nginx: tuple[str, ...] = _setting(
+        (),
+        "nginx purge: every nginx node's deny-list feed (comma-separated base URLs, the nodes' PURGE_LISTEN, e.g. "
+        "http://10.0.0.7:8082), sent every deleted image's id (retries capped at 1 s) and, after a node restarts, "
+        "the deletes of its cache-validity window; a node with DENY_LIST=on serves no cache hit until then.",
+        parse=parse_urls,
+        group="cache",
+    )
+    purge_nginx_key: str | None = _setting(
+        None,
+        "nginx purge: the shared secret (16+ chars) the nodes' feeds require (their IMGSVC_PURGE_NGINX_KEY "
+        "environment variable); required with IMGSVC_PURGE_NGINX.",
+        secret=True,
+        group="cache",
+    )
 
     @property
     def effective_storage_url(self) -> str:
@@ -507,6 +522,11 @@ class Settings:
             problems.append("IMGSVC_PURGE_CLOUDFLARE_ZONE and IMGSVC_PURGE_CLOUDFLARE_TOKEN: set both or neither")
         if bool(self.purge_fastly_service) != bool(self.purge_fastly_key):
             problems.append("IMGSVC_PURGE_FASTLY_SERVICE and IMGSVC_PURGE_FASTLY_KEY: set both or neither")
+        if self.purge_nginx and len(self.purge_nginx_key or "") < 16:
+            problems.append("IMGSVC_PURGE_NGINX_KEY: required (16+ characters) with IMGSVC_PURGE_NGINX")
+        if self.purge_nginx and self.purge_keep_days < 1:
+            problems.append("IMGSVC_PURGE_KEEP_DAYS: at least 1 with IMGSVC_PURGE_NGINX (a restarted node is re-sent "
+                            "the deletes of its cache validity from the kept jobs)")  # fmt: skip
         if self.purge_retry_max < self.purge_retry_base:
             problems.append("IMGSVC_PURGE_RETRY_MAX: must not be below IMGSVC_PURGE_RETRY_BASE")
         for name, items in self.presets.items():  # parse_presets checked them against the default maximum

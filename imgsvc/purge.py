@@ -22,14 +22,14 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 
-from imgsvc import metrics
+from imgsvc import metrics, nginx_deny
 
 log = logging.getLogger("imgsvc.purge")
 PURGE_CHANNEL = "imgsvc_purge"
 _SENDER_LOCK = 0x70757267  # advisory lock id ("purg"): one sender at a time across replicas
 TAKEOVER_SECONDS = 1.0  # how often a standby replica tries the sender lock (and the sender checks its connection)
 Reason = Literal["delete", "resend"]
-TargetKind = Literal["webhook", "cloudflare", "fastly"]
+TargetKind = Literal["webhook", "cloudflare", "fastly", "nginx"]
 SIGNATURE_HEADER = "Imgsvc-Signature"
 DELIVERY_HEADER = "Imgsvc-Delivery"
 
@@ -51,9 +51,9 @@ class Target:
     """One purge API: how a job becomes its HTTP request. `name` identifies it in the database."""
 
     kind: TargetKind
-    url: str  # webhook: the URL; cloudflare/fastly: the API base URL
+    url: str  # webhook: the URL; cloudflare/fastly: the API base URL; nginx: the node's deny-list feed
     account: str = ""  # cloudflare zone id, fastly service id
-    secret: str = ""  # webhook signing secret, cloudflare API token, fastly API key
+    secret: str = ""  # webhook signing secret, cloudflare API token, fastly API key, nginx feed key
     prefix: str = ""  # cloudflare: purge the URL prefix `<prefix><image id>` instead of the image's cache tag
 
     @property
@@ -74,6 +74,8 @@ class Target:
             return f"{base}/zones/{self.account}/purge_cache", headers, body
         if self.kind == "fastly":
             return f"{base}/service/{self.account}/purge/{tag}", {"Fastly-Key": self.secret}, b""
+        if self.kind == "nginx":
+            return nginx_deny.feed_request(self.url, self.secret, [job.image_id])
         body = json.dumps(
             {"event": "image.purge", "reason": job.reason, "image_id": job.image_id, "tags": [tag], "job": job.id,
              "created_at": job.created_at.isoformat()}, separators=(",", ":"),
@@ -100,6 +102,9 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Exponential from `base`, capped, with jitter (half to all of it) so retries of many jobs spread."""
         return min(self.cap, self.base * 2 ** min(attempt - 1, 30)) * random.uniform(0.5, 1.0)
+
+
+NGINX_RETRY = RetryPolicy(base=0.2, cap=1.0)  # a node back from an outage gets its deletes within about a second
 
 
 async def enqueue(conn: asyncpg.Connection, image_id: str, reason: Reason) -> int:
@@ -207,6 +212,8 @@ class PurgeSender:
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client, asyncio.TaskGroup() as tg:
             for target in self.targets:
                 tg.create_task(self._deliver_forever(client, target))
+                if target.kind == "nginx":
+                    tg.create_task(nginx_deny.keep_synced(client, self.pool, target.url, target.secret))
             while True:  # a lost session has lost the lock: stop sending (the TaskGroup cancels the targets)
                 await asyncio.sleep(TAKEOVER_SECONDS)
                 count = await conn.fetchval("SELECT count(*) FROM purge_deliveries WHERE delivered_at IS NULL",
@@ -244,10 +251,11 @@ class PurgeSender:
             return float(row["wait"])
         job = Job(row["job_id"], row["image_id"], row["reason"], row["created_at"])
         attempt = row["attempts"] + 1
+        retry = NGINX_RETRY if target.kind == "nginx" else self.retry
         await self.pool.execute(
             "UPDATE purge_deliveries SET attempts = $3, "
             "next_attempt_at = clock_timestamp() + make_interval(secs => $4) WHERE job_id = $1 AND target = $2",
-            job.id, target.name, attempt, self.retry.delay(attempt),
+            job.id, target.name, attempt, retry.delay(attempt),
         )  # fmt: skip
         error = await self._send(client, target, job)
         if error is None:
@@ -270,8 +278,9 @@ class PurgeSender:
     async def _send(self, client: httpx.AsyncClient, target: Target, job: Job) -> str | None:
         """None on a 2xx answer; otherwise what went wrong."""
         url, headers, body = target.request(job, time.time())
+        timeout = min(self.timeout, nginx_deny.TIMEOUT) if target.kind == "nginx" else self.timeout
         try:
-            response = await client.post(url, headers=headers, content=body)
+            response = await client.post(url, headers=headers, content=body, timeout=timeout)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
         if 200 <= response.status_code < 300:

@@ -38,8 +38,11 @@ def config_builder() -> ModuleType:
     return module
 
 
-def loopback_values(workdir: Path, *, listen: str, render_listen: str, upstream: str) -> dict[str, str]:
-    """Every filesystem path of the production values moved under `workdir`, and loopback ports."""
+def loopback_values(
+    workdir: Path, *, listen: str, render_listen: str, upstream: str, purge_listen: str = "127.0.0.1:0"
+) -> dict[str, str]:
+    """Every filesystem path of the production values moved under `workdir`, and loopback ports. The deny-list is
+    off: on, a node bypasses its cache until an imgsvc fed it (IMGSVC_PURGE_NGINX); tests of it turn it on."""
     return {
         "USER": pwd.getpwuid(os.geteuid()).pw_name,  # as root: workers may write the temp dirs; else ignored
         "PID": str(workdir / "nginx.pid"),
@@ -52,24 +55,30 @@ def loopback_values(workdir: Path, *, listen: str, render_listen: str, upstream:
         "LISTEN": listen,
         "RENDER_LISTEN": render_listen,
         "UPSTREAM": upstream,
+        "PURGE_LISTEN": purge_listen,
+        "DENY_LIST": "off",
     }
 
 
 class NginxProcess:
     """`nginx -p <workdir> -c nginx.conf -e stderr -g 'daemon off;'`, with bounded start and stop."""
 
-    def __init__(self, binary: str, workdir: Path, upstream: str, **values: str) -> None:
+    def __init__(self, binary: str, workdir: Path, upstream: str, *, purge_key: str = "", **values: str) -> None:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
         self.render_port = free_port()
+        self.purge_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.purge_url = f"http://127.0.0.1:{self.purge_port}"  # the deny-list feed (DENY_LIST=on)
+        self.env = {**os.environ, "IMGSVC_PURGE_NGINX_KEY": purge_key}
         self.values = (
             loopback_values(
                 workdir,
                 listen=f"127.0.0.1:{self.port}",
                 render_listen=f"127.0.0.1:{self.render_port}",
                 upstream=upstream,
+                purge_listen=f"127.0.0.1:{self.purge_port}",
             )
             | values
         )
@@ -91,17 +100,20 @@ class NginxProcess:
     def check(self) -> subprocess.CompletedProcess[str]:
         """`nginx -t` on this configuration."""
         self.write_config()
-        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30, check=False, env=self.env)
 
     def start(self, timeout: float = 15.0) -> NginxProcess:
         self.write_config()
         with self.stderr_path.open("ab") as err:
-            self.proc = subprocess.Popen(self.command("-g", "daemon off;"), stdout=err, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.command("-g", "daemon off;"), stdout=err, stderr=subprocess.STDOUT, env=self.env
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.stderr_path.read_text()[-3000:]}")
-            if _listening(self.port) and _listening(self.render_port):
+            ports = (self.port, self.render_port, *((self.purge_port,) if self.values["DENY_LIST"] == "on" else ()))
+            if all(_listening(port) for port in ports):
                 return self
             time.sleep(0.02)
         self.stop()

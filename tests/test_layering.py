@@ -13,6 +13,7 @@ LAYERS = [
     {"config_values"},  # parsers of IMGSVC_* values; presets with spec's rules
     {"config"},
     {"structure", "isolation"},
+    {"nginx_deny"},  # nginx nodes' deny-lists, one kind of purge target
     {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge"},
     {"sniffing", "vips_hardening", "deadline"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from imgsvc import nginx_deny
 from imgsvc.client import RenderUrls
 from tests.conftest import FLICKR, PHOTO, ServerProcess
 from tests.nginx_process import NGINX_DIR, NginxProcess, config_builder, loopback_values
@@ -36,15 +37,15 @@ def upstream_of(server: ServerProcess) -> str:
 
 @pytest.fixture
 def origin(server: ServerProcess, start_nginx: StartNginx) -> NginxProcess:
-    """nginx with the production values (25 MB uploads, ...) in front of imgsvc, but entries fresh for 10 minutes,
-    so that tests of keys, locks and bypasses see HIT for "stored", not a revalidation when a second ends."""
+    """nginx with the production values (25 MB uploads, entries fresh for 10 minutes, ...) in front of imgsvc, but
+    no deny-list (nothing feeds it here; tests of it: below and test_nginx_deletes.py)."""
     return start_nginx(upstream_of(server), CACHE_VALID="10m")
 
 
 @pytest.fixture
-def production(server: ServerProcess, start_nginx: StartNginx) -> NginxProcess:
-    """nginx with every production value: entries fresh until the second they were fetched in ends."""
-    return start_nginx(upstream_of(server))
+def revalidating(server: ServerProcess, start_nginx: StartNginx) -> NginxProcess:
+    """The option without the Lua module: entries fresh until the second they were fetched in ends."""
+    return start_nginx(upstream_of(server), CACHE_VALID="second")
 
 
 @pytest.fixture
@@ -102,7 +103,9 @@ def test_shipped_config_passes_nginx_t(nginx_bin: str, tmp_path: Path) -> None:
         conf = tmp_path / "nginx.conf"
         (tmp_path / "tmp").mkdir()
         values = loopback_values(tmp_path, listen="127.0.0.1:1", render_listen="127.0.0.1:2", upstream="127.0.0.1:3")
-        conf.write_text(config_builder().build({k: v for k, v in values.items() if "LISTEN" not in k}))
+        conf.write_text(
+            config_builder().build({k: v for k, v in values.items() if "LISTEN" not in k and k != "DENY_LIST"})
+        )
     result = subprocess.run([nginx_bin, "-t", "-e", "stderr", "-c", str(conf)],
                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -222,10 +225,10 @@ def test_head_and_conditional_requests_through_the_cache(http: httpx.Client, ori
     assert len(reached_upstream(origin, auto, 2)) == 1
 
 
-# ---- validity: revalidation, and how long a deleted image may still be served ----------------
+# ---- CACHE_VALID=second: revalidation, and how long a deleted image may still be served -----------
 
 # An entry is fresh until the end of the (wall-clock) second the render tier fetched or revalidated it in
-# (its X-Accel-Expires), so nginx serves it for at most one second. 2 nodes x 2 replicas: test_nginx_deletes.py.
+# (its X-Accel-Expires), so nginx serves it for at most one second. The production deny-list: test_nginx_deletes.py.
 BOUND = 1
 
 
@@ -235,8 +238,8 @@ def early_in_a_second() -> None:
         time.sleep(0.01)
 
 
-def test_an_expired_entry_is_revalidated_with_a_304(production: NginxProcess) -> None:
-    with httpx.Client(base_url=production.url, timeout=30) as http:
+def test_an_expired_entry_is_revalidated_with_a_304(revalidating: NginxProcess) -> None:
+    with httpx.Client(base_url=revalidating.url, timeout=30) as http:
         uri = f"/img/{upload(http)}?w=64"
         first = http.get(uri)
         assert first.headers["x-cache-status"] == "MISS"
@@ -246,17 +249,17 @@ def test_an_expired_entry_is_revalidated_with_a_304(production: NginxProcess) ->
         assert (later.status_code, later.headers["x-cache-status"]) == (200, "REVALIDATED")
         assert later.content == first.content and stable(later) == stable(first)
         assert http.get(uri).headers["x-cache-status"] == "HIT"
-    assert [e["upstream_status"] for e in reached_upstream(production, uri, 3)] == ["200", "304"]
+    assert [e["upstream_status"] for e in reached_upstream(revalidating, uri, 3)] == ["200", "304"]
 
 
-def test_a_burst_when_a_hot_entry_expires_is_not_refused(production: NginxProcess) -> None:
+def test_a_burst_when_a_hot_entry_expires_is_not_refused(revalidating: NginxProcess) -> None:
     """A hot entry expires while a CDN edge (one address) asks for it 100 times at once. nginx locks only
     new entries, so each request goes to the render tier as a revalidation (a cheap 304): none may be
     refused by the render tier's limits (they were: 429 EXPIRED, measured at every expiry under load)."""
-    with httpx.Client(base_url=production.url, timeout=30) as http:
+    with httpx.Client(base_url=revalidating.url, timeout=30) as http:
         uri = f"/img/{upload(http)}?w=64"
         assert http.get(uri).headers["x-cache-status"] == "MISS"
-    host, port = production.url.removeprefix("http://").split(":")
+    host, port = revalidating.url.removeprefix("http://").split(":")
     sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in range(100)]
     try:
         time.sleep(BOUND + 0.2)
@@ -276,9 +279,9 @@ def test_a_burst_when_a_hot_entry_expires_is_not_refused(production: NginxProces
 
 
 def test_a_deleted_image_stops_being_served_when_its_validity_ends(
-    production: NginxProcess, server: ServerProcess
+    revalidating: NginxProcess, server: ServerProcess
 ) -> None:
-    with httpx.Client(base_url=production.url, timeout=30) as http:
+    with httpx.Client(base_url=revalidating.url, timeout=30) as http:
         for _ in range(5):  # until nginx still had the entry after the delete (a stall may cross a second)
             image_id = upload(http)
             uri = f"/img/{image_id}?w=64"
@@ -325,9 +328,9 @@ def test_deleting_one_of_two_images_of_a_photo_leaves_the_other_served(
     assert http.get(f"/images/{kept}/original").content == FLICKR.read_bytes()
 
 
-def test_stale_copies_are_served_only_while_imgsvc_fails(production: NginxProcess, server: ServerProcess) -> None:
+def test_stale_copies_are_served_only_while_imgsvc_fails(revalidating: NginxProcess, server: ServerProcess) -> None:
     """The one exception to the bound above: with imgsvc down, nginx keeps answering from what it has."""
-    with httpx.Client(base_url=production.url, timeout=30) as http:
+    with httpx.Client(base_url=revalidating.url, timeout=30) as http:
         uri = f"/img/{upload(http)}?w=64"
         first = http.get(uri)
         server.stop()
@@ -335,6 +338,52 @@ def test_stale_copies_are_served_only_while_imgsvc_fails(production: NginxProces
         stale = http.get(uri)
         assert (stale.status_code, stale.headers["x-cache-status"], stale.content) == (200, "STALE", first.content)
         assert http.get(f"{uri}&v=new").status_code == 502  # nothing to fall back on
+
+
+# ---- the deny-list (production): its feed, and what a node does with a denied id -----------------
+
+FEED_KEY = "feed-key-for-this-test-0123456789"
+
+
+def test_the_deny_list_feed_takes_ids_only_with_the_key(server: ServerProcess, start_nginx: StartNginx) -> None:
+    node = start_nginx(upstream_of(server), DENY_LIST="on", purge_key=FEED_KEY)
+    url, key = node.purge_url + nginx_deny.FEED_PATH, {"Authorization": f"Bearer {FEED_KEY}"}
+    with httpx.Client(timeout=30) as http:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * len(FEED_KEY)}, {"Authorization": FEED_KEY}):
+            assert http.post(url, content=b"abc\n", headers=headers).status_code == 403
+        for body in (b"a b\n", b"../x\n", b"x" * 65 + b"\n", b"ok\n\xff\n"):
+            assert http.post(url, content=body, headers=key).status_code == 400, body
+        assert http.put(url, content=b"abc\n", headers=key).status_code == 405
+        state = http.get(url, headers=key).json()
+        assert state["synced"] is False and state["window"] == 660  # CACHE_VALID 10m + 60 s
+        assert http.post(f"{url}?sync=another-epoch", content=b"", headers=key).json()["synced"] is False
+        assert http.post(f"{url}?sync={state['epoch']}", content=b"", headers=key).json()["synced"] is True
+        assert http.get(node.url + nginx_deny.FEED_PATH).status_code == 404  # not on the public tier (imgsvc's 404)
+
+
+def test_a_node_nobody_fed_bypasses_its_cache_and_a_denied_id_gets_imgsvcs_answer(
+    server: ServerProcess, start_nginx: StartNginx
+) -> None:
+    """Fail closed: until fed (after every start), no hit; a denied id has keys of its own, where only imgsvc's 4xx
+    is stored, so a live image denied by mistake (a re-sent purge) is served fresh, never from a stored copy."""
+    node = start_nginx(upstream_of(server), DENY_LIST="on", purge_key=FEED_KEY)
+    feed = node.purge_url + nginx_deny.FEED_PATH
+    with httpx.Client(base_url=node.url, timeout=30) as http:
+        live, deleted = upload(http), upload(http)
+        statuses = [http.get(f"/img/{live}?w=64").headers["x-cache-status"] for _ in range(2)]
+        assert statuses == ["BYPASS", "BYPASS"]
+        epoch = http.get(feed, headers={"Authorization": f"Bearer {FEED_KEY}"}).json()["epoch"]
+        body = f"{live}\n{deleted}\n".encode()
+        fed = http.post(f"{feed}?sync={epoch}", content=body, headers={"Authorization": f"Bearer {FEED_KEY}"})
+        assert fed.json()["synced"] is True
+        assert http.delete(f"/images/{deleted}").status_code == 204
+        answers = [http.get(f"/img/{live}?w=64") for _ in range(2)]
+        assert [(a.status_code, a.headers["x-cache-status"]) for a in answers] == [(200, "MISS")] * 2
+        answers = [http.get(f"/img/{deleted}?w=64") for _ in range(2)]
+        assert [(a.status_code, a.headers["x-cache-status"]) for a in answers] == [(404, "MISS"), (404, "HIT")]
+        assert answers[1].headers["content-type"] == "application/problem+json"
+        other = upload(http)  # not denied: cached as usual
+        assert [http.get(f"/img/{other}?w=64").headers["x-cache-status"] for _ in range(2)] == ["MISS", "HIT"]
 
 
 @pytest.mark.parametrize(("cache_tags", "strip"), [("true", "off"), ("true", "on"), ("false", "off")])
