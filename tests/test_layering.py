@@ -13,10 +13,11 @@ LAYERS = [
     {"config_values"},  # parsers of IMGSVC_* values; presets with spec's rules
     {"config"},
     {"structure", "isolation"},
-    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge"},
+    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge", "thumbhash"},
     {"sniffing", "vips_hardening", "deadline"},
-    {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
-    {"auth", "upload", "gc", "records"},
+    {"storage", "catalog", "idempotency", "pipeline", "client", "openapi", "derivations"},
+    {"pyramid"},  # levels and placeholders: pipeline + the derivation queue's records
+    {"auth", "upload", "gc", "records", "derive"},
     {"hits"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},
