@@ -58,28 +58,28 @@ async def backfill(pool: asyncpg.Pool, *, retry_failed: bool = False) -> int:
 
 async def lease(pool: asyncpg.Pool, seconds: float) -> Source | None:
     """Take the oldest pending blob whose lease is free for `seconds`; None when there is none."""
-    row = await pool.fetchrow(
-        """WITH job AS (
-               SELECT sha256 FROM derivations
-               WHERE state = 'pending' AND (leased_until IS NULL OR leased_until < clock_timestamp())
-               ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-           UPDATE derivations d SET leased_until = clock_timestamp() + make_interval(secs => $1),
-                                    attempts = d.attempts + 1, updated_at = clock_timestamp()
-           FROM job WHERE d.sha256 = job.sha256
-           RETURNING d.sha256""",
-        seconds,
-    )
-    if row is None:
-        return None
-    image = await pool.fetchrow(
-        "SELECT sha256, format, width, height, bytes, frames, has_alpha FROM images "
-        "WHERE sha256 = $1 AND deleted_at IS NULL LIMIT 1",
-        row["sha256"],
-    )
-    if image is None:  # every image of it was deleted meanwhile: nothing to derive for
-        await pool.execute("DELETE FROM derivations WHERE sha256 = $1", row["sha256"])
-        return await lease(pool, seconds)
-    return Source(**dict(image))
+    while True:
+        row = await pool.fetchrow(
+            """WITH job AS (
+                   SELECT sha256 FROM derivations
+                   WHERE state = 'pending' AND (leased_until IS NULL OR leased_until < clock_timestamp())
+                   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+               UPDATE derivations d SET leased_until = clock_timestamp() + make_interval(secs => $1),
+                                        attempts = d.attempts + 1, updated_at = clock_timestamp()
+               FROM job WHERE d.sha256 = job.sha256
+               RETURNING d.sha256""",
+            seconds,
+        )
+        if row is None:
+            return None
+        image = await pool.fetchrow(
+            "SELECT sha256, format, width, height, bytes, frames, has_alpha FROM images "
+            "WHERE sha256 = $1 AND deleted_at IS NULL LIMIT 1",
+            row["sha256"],
+        )
+        if image is not None:
+            return Source(**dict(image))
+        await pool.execute("DELETE FROM derivations WHERE sha256 = $1", row["sha256"])  # its images all went
 
 
 async def finish(pool: asyncpg.Pool, sha256: str, levels: list[int], placeholder: Placeholder | None) -> None:

@@ -131,7 +131,7 @@ def _level_pixels(data: bytes, level: Level, profile: dict[str, str], deadline: 
     image = pyvips.Image.new_from_source(
         deadline.source(data), "", access="sequential", fail_on="error", shrink=level.scale
     )
-    image = deadline.watch(image)
+    image = deadline.watch(image).copy_memory()  # decoded once, in memory: rotating needs random access
     if profile:
         image = image.icc_transform("srgb", embedded=True)
     image = pipeline.to_8bit(image.autorot()).copy_memory()

@@ -15,6 +15,7 @@ import anyio
 import asyncpg
 import httpx
 import pytest
+import pyvips
 
 from imgsvc import derivations, metrics, pipeline, pyramid
 from imgsvc.client import RenderUrls
@@ -285,3 +286,48 @@ def test_levels_exist_only_for_static_jpegs() -> None:
     for fmt in ("png", "webp", "gif", "avif", "heif", "tiff"):
         assert pyramid.levels_for(source(fmt), (2, 4, 8)) == ()
     assert pyramid.levels_for(source("jpeg", frames=2), (2, 4, 8)) == ()
+
+
+async def test_a_blob_whose_images_all_went_is_not_derived(settings) -> None:  # type: ignore[no-untyped-def]
+    async with app_client(settings) as client:  # derives nothing (IMGSVC_DERIVE_WORKERS=0)
+        pool = client.services.catalog.pool  # type: ignore[attr-defined]
+        image = await upload(client, FLICKR.read_bytes())
+        assert await derivations.counts(pool) == {"pending": 1}
+        assert (await client.delete(f"/images/{image['id']}")).status_code == 204
+        assert await derivations.lease(pool, 10.0) is None
+        assert await derivations.counts(pool) == {}
+
+
+def variant_of(path: Path, kind: str) -> bytes:
+    """The original stored sideways or upside down with an EXIF orientation, or tagged with a Display P3 profile."""
+    image = pyvips.Image.new_from_file(str(path), access="random")
+    if kind == "p3":
+        return bytes(image.icc_transform("p3", input_profile="srgb").jpegsave_buffer(Q=90, keep="icc"))
+    turn, orientation = {"orientation 6": (image.rot270, 6), "orientation 3": (image.rot180, 3),
+                         "orientation 8": (image.rot90, 8)}[kind]  # fmt: skip
+    stored = turn().copy()
+    stored.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+    return bytes(stored.jpegsave_buffer(Q=90, keep="exif"))
+
+
+@pytest.mark.parametrize("kind", ["orientation 6", "orientation 3", "orientation 8", "p3"])
+async def test_levels_of_rotated_and_colour_managed_originals(request, settings, kind: str) -> None:  # type: ignore[no-untyped-def]
+    original = variant_of(FLICKR, kind)  # 2725x2225 once oriented
+    async with app_client(deriving(request, settings, "fs")) as client:
+        services = client.services  # type: ignore[attr-defined]
+        image = await upload(client, original)
+        assert (image["width"], image["height"]) == (2725, 2225)
+        await wait_derived(services.catalog.pool, str(image["sha256"]))
+        for query in ("w=128", "w=300&h=200&fit=cover"):
+            before = sources()
+            response = await client.get(
+                URLS.url(str(image["id"]), fmt="jpeg", **dict(p.split("=") for p in query.split("&")))
+            )
+            assert response.status_code == 200 and started_from(before) == "level"
+            spec = parse_query([tuple(p.split("=")) for p in query.split("&")], SpecLimits()).spec  # type: ignore[misc]
+            levels = pyramid.levels_for(derivations.Source("", "jpeg", 2725, 2225, 1, 1, False), (2, 4, 8))
+            level = pyramid.choose(levels, 2725, 2225, spec, "jpeg", False, pipeline.PipelineLimits())
+            assert level is not None
+            data = await services.store.get(level.key(str(image["sha256"])), 10**8)
+            pixels = pyramid.render_level(data, level, spec, "png", pipeline.PipelineLimits(), None, (2725, 2225))
+            assert ssim(pixels.data, await reference(original, query, "png")) >= PIXEL_SSIM, query
