@@ -1,7 +1,10 @@
 """The pyramid of reduced sources, measured: quality and bytes of renders from a level vs from the original over a
 generated multi-original corpus, CPU per render saved, CPU and storage per upload, and the upload's p50.
 
-    .venv/bin/python benchmarks/pyramid.py [--originals 40] [--uploads 15] [--skip-upload]
+    .venv/bin/python benchmarks/pyramid.py [--originals 40] [--uploads 15] [--skip-upload] [--baseline DIR]
+
+--baseline DIR: also upload to a server run from DIR, a tree of the code before the pyramid
+(`git archive <commit> | tar -x -C DIR`), interleaved with the others.
 
 Prints markdown (benchmarks/results/pyramid.md). The corpus is made deterministically from tests/images (crops
 at several aspect ratios, longest side 1600-4000 px, JPEG q88, every fifth EXIF-rotated) and not kept.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +27,7 @@ import pyvips
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import IMAGES, print_table, start_imgsvc, stop
+from benchmarks.harness import IMAGES, free_port, launch, print_table, start_imgsvc, stop
 from imgsvc import pipeline, pyramid
 from imgsvc.derivations import Source
 from imgsvc.spec import SpecLimits, parse_query
@@ -138,28 +142,42 @@ def quality(originals: list[bytes], scales: tuple[int, ...]) -> None:
     print_table(header, table)
 
 
-def uploads(rounds: int) -> None:
+def start_baseline(tree: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """imgsvc from another tree (the code before the pyramid), with this interpreter and its packages."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"IMGSVC_DATA_DIR": str(data_dir), "IMGSVC_PORT": str(port), "IMGSVC_LOG_LEVEL": "warning",
+           "IMGSVC_RENDER_RATE": "0"}  # fmt: skip
+    log = data_dir.parent / f"imgsvc-{port}.log"
+    proc, _ = launch([sys.executable, "-m", "imgsvc", "serve"], env, f"{url}/readyz", log, cwd=tree, ok=201)
+    return proc, url
+
+
+def uploads(rounds: int, baseline: Path | None) -> None:
     """Upload p50 of distinct 12 MP JPEGs, one at a time, to a server deriving (the default) and one that does
     not (IMGSVC_DERIVE_WORKERS=0, IMGSVC_DERIVE_SCALES=none: today's path plus the queue row), interleaved."""
     base = pyvips.Image.new_from_file(str(IMAGES / SOURCES[0]), access="random")
+    names = ["deriving", "not deriving"] + (["before the pyramid"] if baseline else [])
     bodies = []
-    for i in range(rounds * 2):  # distinct bytes: a different 8x8 block each
+    for i in range(rounds * len(names)):  # distinct bytes: a different 8x8 block each
         marked = base.draw_rect([i * 7 % 256, 255 - i * 5 % 256, 0], (i * 97) % 3992, (i * 53) % 2992, 8, 8, fill=True)
         bodies.append(bytes(marked.jpegsave_buffer(Q=90)))
-    samples: dict[str, list[float]] = {"deriving": [], "not deriving": []}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="imgsvc-pyramid-") as tmp:
-        for name in ("on", "off"):
+        for name in ("on", "off", "before"):
             (Path(tmp) / name).mkdir()
         servers = {
             "deriving": start_imgsvc(Path(tmp) / "on" / "data"),
             "not deriving": start_imgsvc(Path(tmp) / "off" / "data", IMGSVC_DERIVE_WORKERS="0",
                                          IMGSVC_DERIVE_SCALES="none"),
         }  # fmt: skip
+        if baseline is not None:
+            servers["before the pyramid"] = start_baseline(baseline, Path(tmp) / "before" / "data")
         try:
             with httpx.Client(timeout=60) as client:
                 for i in range(rounds):
                     for j, (name, (_, url)) in enumerate(servers.items()):
-                        body = bodies[i * 2 + j]
+                        body = bodies[i * len(names) + j]
                         began = time.perf_counter()
                         response = client.post(f"{url}/images", content=body, headers={"Content-Type": "image/jpeg"})
                         samples[name].append(time.perf_counter() - began)
@@ -168,8 +186,8 @@ def uploads(rounds: int) -> None:
         finally:
             for proc, _ in servers.values():
                 stop(proc)
-    print(f"\n### Upload of a 12 MP JPEG (4000x3000, ~{len(bodies[0]) / 1e6:.1f} MB), {rounds} each, interleaved, "
-          "one at a time, 0.5 s apart\n")  # fmt: skip
+    print(f"\n### Upload of a 12 MP JPEG (4000x3000, ~{len(bodies[0]) / 1e6:.1f} MB, each distinct), {rounds} each, "
+          "interleaved, one at a time, 0.5 s apart\n")  # fmt: skip
     for name, values in samples.items():
         print(f"- {name}: p50 {statistics.median(values) * 1000:.1f} ms, "
               f"p90 {statistics.quantiles(values, n=10)[-1] * 1000:.1f} ms")  # fmt: skip
@@ -180,13 +198,16 @@ def main() -> None:
     parser.add_argument("--originals", type=int, default=40)
     parser.add_argument("--uploads", type=int, default=15)
     parser.add_argument("--skip-upload", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="a tree of the code before the pyramid, for the upload p50")
     args = parser.parse_args()
     pipeline.configure_libvips()
-    originals = corpus(args.originals)
-    for scales in ((4, 8), (2, 4, 8)):
-        quality(originals, scales)
+    if not args.skip_quality:
+        originals = corpus(args.originals)
+        for scales in ((4, 8), (2, 4, 8)):
+            quality(originals, scales)
     if not args.skip_upload:
-        uploads(args.uploads)
+        uploads(args.uploads, args.baseline)
 
 
 if __name__ == "__main__":
