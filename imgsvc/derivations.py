@@ -33,8 +33,9 @@ class Placeholder:
     average_color: str
 
 
-async def enqueue(conn: asyncpg.Connection, sha256: str, *, new_blob: bool) -> None:
-    """In the upload's transaction: a blob written now (first upload, or again after gc) is derived (again)."""
+async def enqueue(conn: asyncpg.Connection | asyncpg.Pool, sha256: str, *, new_blob: bool) -> None:
+    """In the upload's transaction: a blob written now (first upload, or again after gc) is derived (again);
+    `new_blob` also serves a render that found a damaged level."""
     if new_blob:
         await conn.execute(
             "INSERT INTO derivations (sha256) VALUES ($1) ON CONFLICT (sha256) DO UPDATE "

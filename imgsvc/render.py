@@ -6,6 +6,7 @@ storage or libvips.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Literal
 
 import pyvips
 
-from imgsvc import metrics, pipeline, pyramid
+from imgsvc import derivations, metrics, pipeline, pyramid
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
@@ -26,6 +27,7 @@ from imgsvc.errors import (
     OriginalUnavailable,
     RenderTimeout,
     Unauthorized,
+    UndecodableImage,
 )
 from imgsvc.headers import etag_matches, render_etag
 from imgsvc.hits import HitIndex
@@ -208,6 +210,10 @@ class Renderer:
             log.warning("level %s of image %s unusable (%s); rendering from the original", key, image.id, exc)
             self.originals.evict_group(image.sha256)
             metrics.render_sources.labels("fallback").inc()
+            if isinstance(exc, UndecodableImage):  # damaged: removed, and the blob derived again
+                with contextlib.suppress(ImgsvcError):
+                    await self.store.delete(key)
+                    await derivations.enqueue(self.catalog.pool, image.sha256, new_blob=True)
             return None
         metrics.render_sources.labels("level").inc()
         return rendered

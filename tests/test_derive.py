@@ -172,6 +172,12 @@ async def test_a_missing_or_corrupt_level_falls_back_to_the_original(request, se
         assert response.status_code == 200
         assert started_from(before) == ("original" if damage == "missing" else "fallback+original")
         assert response.content == await reference(original, "w=128", "jpeg")  # the original's very bytes
+        if damage != "missing":  # a damaged level is removed and the blob derived again
+            await wait_derived(services.catalog.pool, sha256)
+            assert await services.store.get(key, 10**8) == level
+            before = sources()
+            assert (await client.get(f"/img/{image['id']}?w=120&fmt=jpeg")).status_code == 200
+            assert started_from(before) == "level"
 
 
 @pytest.mark.parametrize("backend", ["fs", "s3"])
