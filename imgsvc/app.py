@@ -23,6 +23,7 @@ from imgsvc.catalog import Catalog
 from imgsvc.config import Settings
 from imgsvc.console import console_routes
 from imgsvc.cors import Cors
+from imgsvc.derive import Deriver, DeriveSettings
 from imgsvc.embedded import EmbeddedPostgres, supervised
 from imgsvc.errors import ImgsvcError, RoutingError
 from imgsvc.gc import periodic_collection
@@ -58,6 +59,10 @@ def pipeline_limits(settings: Settings) -> pipeline.PipelineLimits:
         max_png_text_bytes=settings.max_png_text_bytes,
         isolate_pixels=settings.isolate_pixels,
     )
+
+
+def derive_settings(settings: Settings) -> DeriveSettings:
+    return DeriveSettings(settings.derive_scales, settings.derive_workers, settings.derive_timeout)
 
 
 def build_verifier(settings: Settings) -> Verifier:
@@ -157,6 +162,7 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
             hits=hits,
             original_cache_bytes=settings.originals_cache_bytes,
             decoded_cache_bytes=settings.decoded_cache_bytes,
+            level_scales=settings.derive_scales,
         )
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()
@@ -170,6 +176,9 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
         grace = timedelta(days=settings.gc_grace_days)
         keep = timedelta(days=settings.purge_keep_days)
         await stack.enter_async_context(periodic_collection(catalog, store, grace, settings.gc_interval, keep))
+        deriver = await stack.enter_async_context(
+            Deriver(catalog.pool, store, derive_settings(settings), pool).running()
+        )
         yield Services(
             settings=settings,
             catalog=catalog,
@@ -177,7 +186,7 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
             verifier=verifier,
             renderer=renderer,
             hits=hits,
-            ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool)),
+            ingest=Ingest(catalog, store, pool, limits, IdempotencyKeys(catalog.pool), deriver.wake),
             spec_limits=SpecLimits(max_output_dim=settings.max_output_dim, presets=settings.presets),
             upload_limiter=RateLimiter(settings.upload_rate),
             render_limiter=RateLimiter(settings.render_rate, settings.render_burst, what="render misses"),

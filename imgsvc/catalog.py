@@ -57,6 +57,9 @@ class ImageRecord:
     original_filename: str | None
     created_at: datetime
     deleted_at: datetime | None = None
+    thumbhash: str | None = None  # the placeholder (imgsvc.derive): None until derived
+    dominant_color: str | None = None
+    average_color: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +79,7 @@ def is_image_id(text: str) -> bool:
 
 _COLUMNS = (
     "id, sha256, owner, category, visibility, format, width, height, bytes, frames, has_alpha, "
-    "original_filename, created_at, deleted_at"
+    "original_filename, created_at, deleted_at, thumbhash, dominant_color, average_color"
 )
 
 
@@ -268,11 +271,16 @@ class Catalog:
         return int(row["live"]), row["last_deleted"]
 
     async def insert(self, record: ImageRecord, conn: asyncpg.Connection | None = None) -> ImageRecord:
-        """A new image: every upload is its own record, even of bytes another image already has."""
+        """A new image: every upload is its own record, even of bytes another image already has (whose placeholder,
+        derived once per blob, it shares: the caller holds the blob's lock, which finishing a derivation takes)."""
         row = await (conn or self.pool).fetchrow(
             f"""INSERT INTO images (id, sha256, owner, category, visibility, format, width, height, bytes,
-                                    frames, has_alpha, original_filename)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                    frames, has_alpha, original_filename, thumbhash, dominant_color, average_color)
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                       same.thumbhash, same.dominant_color, same.average_color
+                FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+                    SELECT thumbhash, dominant_color, average_color FROM images
+                    WHERE sha256 = $2 AND thumbhash IS NOT NULL LIMIT 1) AS same ON true
                 RETURNING {_COLUMNS}""",
             record.id, record.sha256, record.owner, record.category, record.visibility, record.format,
             record.width, record.height, record.bytes, record.frames, record.has_alpha, record.original_filename,

@@ -1,4 +1,4 @@
-"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, healthcheck."""
+"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, derive, healthcheck."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     purge = commands.add_parser("purge", help="CDN purge outbox: list undelivered purges, or re-send one image's")
     purge.add_argument("image_id", nargs="?", help="queue the purge of this image again for every target")
     purge.add_argument("--pending", action="store_true", help="list undelivered purges with attempts and last error")
+    derive = commands.add_parser("derive", help="derive queued pyramid levels and placeholders now, in this process")
+    derive.add_argument("--backfill", action="store_true", help="first queue every live image not derived yet")
+    derive.add_argument("--retry-failed", action="store_true", help="queue the derivations that failed again")
     health = commands.add_parser("healthcheck", help="exit 0 if the local service's /readyz answers 200 (containers)")
     health.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bool(args.pending) == bool(args.image_id):
                 parser.error("purge takes --pending or an image id")
             return asyncio.run(purge_command(settings, args.image_id))
+        if args.command == "derive":
+            return asyncio.run(derive_command(settings, args.backfill, args.retry_failed))
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
@@ -200,6 +205,22 @@ async def purge_command(settings: Settings, image_id: str | None) -> int:
             targets = await conn.fetchval("SELECT count(*) FROM purge_deliveries WHERE job_id = $1", job)
     print(f"queued purge job {job} of {image_id} for {targets} targets")
     return 0
+
+
+async def derive_command(settings: Settings, backfill: bool, retry_failed: bool) -> int:
+    from imgsvc import derivations
+    from imgsvc.app import derive_settings, open_storage
+    from imgsvc.derive import Deriver
+
+    async with open_storage(settings) as (_, catalog, store):
+        if backfill or retry_failed:
+            queued = await derivations.backfill(catalog.pool, retry_failed=retry_failed)
+            print(f"queued {queued} blobs of live images not derived yet", file=sys.stderr)
+        deriver = Deriver(catalog.pool, store, derive_settings(settings))
+        taken = sum(await asyncio.gather(*(deriver.drain() for _ in range(max(1, settings.derive_workers)))))
+        states = await derivations.counts(catalog.pool)
+    print(f"derived {taken} blobs; now " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
+    return 1 if states.get("failed") else 0
 
 
 def serve(settings: Settings) -> int:

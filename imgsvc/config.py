@@ -26,6 +26,7 @@ from imgsvc.config_values import (
     parse_origins,
     parse_prefix,
     parse_public_url,
+    parse_scales,
     parse_signing_keys,
     parse_storage_url,
     parse_url,
@@ -464,6 +465,23 @@ class Settings:
         secret=True,
         group="cache",
     )
+    derive_scales: tuple[int, ...] = _setting(
+        (4, 8),
+        "Pyramid: reduced copies kept of each original, at 1/n of its size (n from 2, 4, 8; for a JPEG exactly "
+        "what its DCT scaling decodes), derived after upload off the request path; a render starts from the "
+        "smallest that leaves it at least 2x to resize. none: every render starts from the original.",
+        parse=parse_scales, group="render",
+    )  # fmt: skip
+    derive_workers: int = _setting(
+        1, "Pyramid and placeholders: derivations run at a time in this process (each on one worker thread, after "
+        "queued renders); 0: this process derives nothing (another replica or `imgsvc derive` does).",
+        parse=parse_int(0, 16), group="render",
+    )  # fmt: skip
+    derive_timeout: float = _setting(
+        30.0, "Pyramid and placeholders: deadline of one original's derivation in seconds; a derivation left by a "
+        "crash is taken again after twice this plus 10 s.",
+        parse=parse_float(0.5, 600), group="render",
+    )  # fmt: skip
 
     @property
     def effective_storage_url(self) -> str:

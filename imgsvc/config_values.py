@@ -63,6 +63,16 @@ def parse_widths(text: str) -> tuple[int, ...] | None:
     return values
 
 
+def parse_scales(text: str) -> tuple[int, ...]:
+    """Comma-separated reductions out of 2, 4, 8 (1/n of the size); `none` for none."""
+    if text.strip().lower() == "none":
+        return ()
+    values = tuple(sorted({parse_choice(("2", "4", "8"))(part.strip()) for part in text.split(",") if part.strip()}))
+    if not values:
+        raise ValueError("needs at least one of 2, 4, 8, or none")
+    return tuple(int(v) for v in values)
+
+
 def parse_any_or(parse: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...] | None]:
     """A comma-separated list parsed item by item (sorted, deduplicated), or `*` for any value (None)."""
 

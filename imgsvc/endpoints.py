@@ -76,6 +76,19 @@ def image_json(request: Request, image: ImageRecord) -> dict[str, Any]:
         },
         # Unsigned sizes only; an image narrower than all of them is offered at its own size (no w).
         "srcset": ", ".join(f"{base}?w={w} {w}w" for w in widths) or f"{base} {image.width}w",
+        "placeholder": placeholder_json(image),
+    }
+
+
+def placeholder_json(image: ImageRecord) -> dict[str, Any] | None:
+    """Derived once per blob after the upload (imgsvc.derive): None until then."""
+    if image.thumbhash is None:
+        return None
+    return {
+        "thumbhash": image.thumbhash,
+        "dominant_color": image.dominant_color,
+        "average_color": image.average_color,
+        "aspect_ratio": round(image.width / image.height, 4),
     }
 
 

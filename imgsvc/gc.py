@@ -1,5 +1,5 @@
-"""Garbage collection: remove blobs that no live image has referenced for longer than a grace period,
-and idempotency keys past their 24 h.
+"""Garbage collection: remove blobs (and what was derived from them) that no live image has referenced for
+longer than a grace period, and idempotency keys past their 24 h.
 Each blob is checked and deleted under the same advisory lock that an upload of those bytes holds
 while it stores the blob and commits its record, so a concurrent upload never loses its blob.
 """
@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from imgsvc import derivations
 from imgsvc.catalog import Catalog
 from imgsvc.errors import ImgsvcError
 from imgsvc.idempotency import IdempotencyKeys
 from imgsvc.purge import expire as expire_purge_jobs
-from imgsvc.storage import BlobStore
+from imgsvc.storage import BlobStore, blob_key, blob_of
 
 log = logging.getLogger("imgsvc.gc")
 
@@ -50,8 +51,8 @@ async def collect_garbage(
         report.expired_purge_jobs = await expire_purge_jobs(catalog.pool, purge_keep)
     async for key, written in store.list_blobs():
         report.examined += 1
-        sha256 = key.rsplit("/", 1)[-1]
-        if not key.startswith("sha256/") or written > cutoff:
+        sha256 = blob_of(key)  # an original, or a level derived from one: they go together
+        if sha256 is None or written > cutoff:
             report.kept += 1  # not ours, or too fresh: an upload may be on its way to reference it
             continue
         async with catalog.blob_lock(sha256) as conn:
@@ -61,6 +62,8 @@ async def collect_garbage(
                 continue
             if not dry_run:
                 await store.delete(key)
+                if key == blob_key(sha256):
+                    await derivations.forget(conn, sha256)  # bytes uploaded again are derived again
                 log.info("removed blob %s", key)
         report.removed.append(key)
     return report

@@ -46,6 +46,16 @@ purge_pending = Gauge(
     "imgsvc_purge_pending", "Undelivered (job, target) purge deliveries, as the sending replica last counted.",
     multiprocess_mode="livemax",
 )  # fmt: skip
+render_sources = Counter(
+    "imgsvc_render_sources_total",
+    "Renders by where they started: a pyramid level, the original, or the original after an unusable level.",
+    ["source"],
+)
+derivations = Counter("imgsvc_derivations_total", "Pyramid and placeholder derivations by outcome.", ["outcome"])
+derive_seconds = Histogram(
+    "imgsvc_derive_cpu_seconds", "Thread CPU time of one blob's derivation (levels and placeholder).",
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
 purge_failures = Counter("imgsvc_purge_failures_total", "Failed purge delivery attempts by target.", ["target"])
 
 

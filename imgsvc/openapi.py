@@ -9,6 +9,18 @@ from imgsvc.config import Settings
 from imgsvc.spec import Fit, Gravity, OutputFormat, RequestedFormat
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_COLOUR = {"type": "string", "pattern": "^#[0-9a-f]{6}$"}
+PLACEHOLDER = {
+    "type": ["object", "null"],
+    "description": "derived once after the upload, off the request path: null until then",
+    "required": ["thumbhash", "dominant_color", "average_color", "aspect_ratio"],
+    "properties": {
+        "thumbhash": {"type": "string", "format": "byte", "description": "ThumbHash, base64"},
+        "dominant_color": _COLOUR,
+        "average_color": _COLOUR,
+        "aspect_ratio": {"type": "number", "description": "width / height (after EXIF orientation)"},
+    },
+}
 
 
 def _problems() -> dict[str, list[str]]:
@@ -131,7 +143,7 @@ def document(settings: Settings) -> dict[str, Any]:
                         ("id", "string"), ("format", "string"), ("width", "integer"), ("height", "integer"),
                         ("bytes", "integer"), ("frames", "integer"), ("has_alpha", "boolean"), ("sha256", "string"),
                         ("category", "string"), ("visibility", "string"), ("created_at", "string"),
-                        ("urls", "object"), ("srcset", "string"))}},
+                        ("urls", "object"), ("srcset", "string"))} | {"placeholder": PLACEHOLDER}},
             },
             "x-problem-types-by-status": _problems(),
         },

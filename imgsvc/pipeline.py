@@ -33,9 +33,11 @@ __all__ = [
     "configure_libvips",
     "decoded_bytes",
     "encode",
+    "max_dimension",
     "probe",
     "render",
     "sniff_format",
+    "to_8bit",
 ]
 
 # Bump the leading number whenever output bytes could change (encoder settings, geometry, colour handling).
@@ -176,7 +178,12 @@ def _probe_pixels(data: bytes, header: _Header, expires: float) -> Probe:
 
 
 def render(
-    data: bytes, spec: TransformSpec, fmt: OutputFormat, limits: PipelineLimits, decoded: DecodedSource | None = None
+    data: bytes,
+    spec: TransformSpec,
+    fmt: OutputFormat,
+    limits: PipelineLimits,
+    decoded: DecodedSource | None = None,
+    plan_size: tuple[int, int] | None = None,
 ) -> Rendered:
     """Render one variant: orient, resize (never enlarging), crop/pad, blur, flatten, encode, strip metadata.
 
@@ -189,14 +196,15 @@ def render(
     smart/entropy gravity crops by libvips attention/entropy; for animations (and `contain`) it is `center`.
     With `decoded`, a static JPEG or PNG is decoded once per scale and later renders start from those pixels
     (the same output: libvips' own thumbnail from the same decode). Raises like `probe`; a render past its
-    deadline raises RenderTimeout.
+    deadline raises RenderTimeout. `plan_size`: the geometry is planned for an image of that (oriented) size
+    instead of `data`'s, which is then a reduced copy of that image (imgsvc.pyramid).
     """
     configure_libvips()
     expires = time.monotonic() + limits.timeout_seconds
     header = _open_header(data, limits)
     if _isolate(header.probe, limits):
-        return _in_child(_render, (data, header, spec, fmt, limits, expires, None), expires)
-    return _render(data, header, spec, fmt, limits, expires, decoded)
+        return _in_child(_render, (data, header, spec, fmt, limits, expires, None, plan_size), expires)
+    return _render(data, header, spec, fmt, limits, expires, decoded, plan_size)
 
 
 def _render(
@@ -207,12 +215,14 @@ def _render(
     limits: PipelineLimits,
     expires: float,
     decoded: DecodedSource | None,
+    plan_size: tuple[int, int] | None = None,
 ) -> Rendered:
     configure_libvips()  # again: this may run in a child process
     deadline = Deadline.until(expires)
     source = header.probe
     animate = source.frames > 1 and source.format in _ANIMATED_SOURCES and fmt in _ANIMATED_OUTPUTS
-    plan = geometry.plan(source.width, source.height, spec, animate, _max_dimension(fmt, limits))
+    width, height = plan_size or (source.width, source.height)
+    plan = geometry.plan(width, height, spec, animate, max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
     rgb = _parse_rgb(spec.background)
     # Only images with an embedded profile pay for the ICC transform; untagged is assumed sRGB and CMYK is
@@ -220,7 +230,10 @@ def _render(
     profile = {"output_profile": "srgb"} if header.has_icc else {}
     started = time.perf_counter()
     try:
-        pixels = _cached_decode(data, header, plan, deadline, decoded) if decoded and not animate else None
+        # A reduced copy (plan_size) is decoded at the scale the original's own decode would have reached.
+        shrink = max(1, round(geometry.jpeg_shrink(width, height, plan) * source.width / width)) if plan_size else None
+        use_decode = (decoded or shrink) and not animate
+        pixels = _cached_decode(data, header, plan, deadline, decoded, shrink) if use_decode else None
         if pixels is not None:  # `size="force"`: `plan` already decided the exact size (and never enlarges)
             image = pyvips.Image.thumbnail_image(pixels, plan.resize[0], height=plan.resize[1], size="force", **profile)
         else:
@@ -232,7 +245,7 @@ def _render(
                 option_string=_load_options(animate=animate),
                 **profile,
             )
-        image = _to_8bit(deadline.watch(image))
+        image = to_8bit(deadline.watch(image))
         frames = source.frames if animate else 1
         image = _per_frame(image, frames, lambda frame: _finish_frame(frame, plan, spec, rgb, deadline))
         if fmt == "jpeg" and image.hasalpha():
@@ -300,31 +313,42 @@ def _open_header(data: bytes, limits: PipelineLimits) -> _Header:
 
 
 def _cached_decode(
-    data: bytes, header: _Header, plan: geometry.Plan, deadline: Deadline, decoded: DecodedSource
+    data: bytes,
+    header: _Header,
+    plan: geometry.Plan,
+    deadline: Deadline,
+    decoded: DecodedSource | None,
+    shrink: int | None = None,
 ) -> pyvips.Image | None:
-    """The source decoded as libvips' thumbnail would load it, from `decoded.cache` or decoded into it.
-
-    None when the source is not cacheable (format, animation, or more bytes than a quarter of the cache).
+    """The source decoded as libvips' thumbnail would load it (or at JPEG scale 1/`shrink`), from `decoded.cache`
+    or decoded into it. None when the source is not cacheable (format, animation, or more bytes than a quarter
+    of the cache) and no `shrink` was asked for.
     """
     source = header.probe
     if source.format not in _DECODE_CACHED_SOURCES or source.frames > 1:
         return None
-    shrink = geometry.jpeg_shrink(source.width, source.height, plan) if source.format == "jpeg" else 1
+    asked = shrink is not None
+    if shrink is None:
+        shrink = geometry.jpeg_shrink(source.width, source.height, plan)
+    shrink = shrink if source.format == "jpeg" else 1
     width, height = (-(-side // shrink) for side in header.stored_size)
-    if width * height * header.pixel_bytes > decoded.cache.max_bytes // 4:
-        return None
+    if decoded is None or width * height * header.pixel_bytes > decoded.cache.max_bytes // 4:
+        return _decode(data, shrink, deadline) if asked else None
     key = (decoded.key, shrink)
     pixels = decoded.cache.get(key)
     metrics.cache_total.labels("decoded", "miss" if pixels is None else "hit").inc()
     if pixels is None:
-        options = {"shrink": shrink} if source.format == "jpeg" else {}
-        loaded = pyvips.Image.new_from_source(
-            deadline.source(data), "", access="sequential", fail_on="error", **options
-        )
-        pixels = deadline.watch(loaded).copy_memory()
-        if deadline.expired():
-            raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
+        pixels = _decode(data, shrink, deadline)
         decoded.cache.put(key, pixels, decoded.group)
+    return pixels
+
+
+def _decode(data: bytes, shrink: int, deadline: Deadline) -> pyvips.Image:
+    options = {"shrink": shrink} if shrink > 1 else {}
+    loaded = pyvips.Image.new_from_source(deadline.source(data), "", access="sequential", fail_on="error", **options)
+    pixels = deadline.watch(loaded).copy_memory()
+    if deadline.expired():
+        raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
     return pixels
 
 
@@ -356,11 +380,11 @@ def _render_error(deadline: Deadline, detail: str, exc: pyvips.Error) -> Undecod
     return UndecodableImage(detail)
 
 
-def _max_dimension(fmt: OutputFormat, limits: PipelineLimits) -> int:
+def max_dimension(fmt: OutputFormat, limits: PipelineLimits) -> int:
     return min(limits.max_output_dim, _WEBP_MAX_DIMENSION) if fmt == "webp" else limits.max_output_dim
 
 
-def _to_8bit(image: pyvips.Image) -> pyvips.Image:
+def to_8bit(image: pyvips.Image) -> pyvips.Image:
     """8-bit sRGB, or 8-bit grey (which browsers decode fine in JPEG and PNG); thumbnail does most of it."""
     if image.interpretation not in ("srgb", "b-w"):
         image = image.colourspace("b-w" if image.interpretation == "grey16" else "srgb")

@@ -6,6 +6,7 @@ storage or libvips.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,11 +15,20 @@ from typing import Literal
 
 import pyvips
 
-from imgsvc import metrics, pipeline
+from imgsvc import derivations, metrics, pipeline, pyramid
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
-from imgsvc.errors import BlobNotFound, Forbidden, OriginalUnavailable, RenderTimeout, Unauthorized
+from imgsvc.derivations import Source
+from imgsvc.errors import (
+    BlobNotFound,
+    Forbidden,
+    ImgsvcError,
+    OriginalUnavailable,
+    RenderTimeout,
+    Unauthorized,
+    UndecodableImage,
+)
 from imgsvc.headers import etag_matches, render_etag
 from imgsvc.hits import HitIndex
 from imgsvc.records import RecordCache, RecordStamp
@@ -85,6 +95,7 @@ class Renderer:
         hits: HitIndex,
         original_cache_bytes: int,
         decoded_cache_bytes: int = 0,
+        level_scales: tuple[int, ...] = (),
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -93,6 +104,7 @@ class Renderer:
         self.limits = limits
         self.records = records
         self.hits = hits
+        self.level_scales = level_scales  # the pyramid's levels (imgsvc.pyramid); empty: every render from the original
         self.variants = hits.variants
         self.originals: ByteLRU[str, bytes] = ByteLRU(original_cache_bytes, len)
         self.decoded: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(
@@ -146,12 +158,10 @@ class Renderer:
     async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> bytes:
         fmt = result.format
         with self.pool.admit():  # refuse before reading the original, not after
-            fetch_started = time.perf_counter()
-            original = await self.fetch_original(image)
-            metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
-            decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
             try:
-                rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+                rendered = await self._render_level(image, spec, fmt)
+                if rendered is None:
+                    rendered = await self._render_original(image, spec, fmt)
             except RenderTimeout:
                 metrics.render_rejections.labels("deadline").inc()
                 raise
@@ -164,24 +174,71 @@ class Renderer:
             self.variants.put(result.variant_key, rendered.data, group=image.sha256)
         return rendered.data
 
+    async def _render_original(self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat) -> pipeline.Rendered:
+        fetch_started = time.perf_counter()
+        original = await self.fetch_original(image)
+        metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
+        decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
+        rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+        metrics.render_sources.labels("original").inc()
+        return rendered
+
+    async def _render_level(
+        self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat
+    ) -> pipeline.Rendered | None:
+        """From the smallest pyramid level that serves this render; None (start from the original) when there is
+        none, or it is not stored yet, or it is unusable: a level is never the reason a render fails."""
+        source = Source(image.sha256, image.format, image.width, image.height, image.bytes, image.frames,
+                        image.has_alpha)  # fmt: skip
+        levels = pyramid.levels_for(source, self.level_scales)
+        level = pyramid.choose(levels, image.width, image.height, spec, fmt, image.frames > 1, self.limits)
+        if level is None:
+            return None
+        key = level.key(image.sha256)
+        try:
+            fetch_started = time.perf_counter()
+            data = await self._fetch(key, image.bytes, image)
+            metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
+            decoded = pipeline.DecodedSource(self.decoded, key, image.sha256)
+            size = (image.width, image.height)
+            rendered = await self.pool.run(pyramid.render_level, data, level, spec, fmt, self.limits, decoded, size)
+        except (BlobNotFound, BlobTooLarge):
+            return None  # not derived yet (or gone with an outage of the store): the original is the source
+        except RenderTimeout:
+            raise
+        except ImgsvcError as exc:  # corrupt or foreign bytes under the level's key, or the store failing
+            log.warning("level %s of image %s unusable (%s); rendering from the original", key, image.id, exc)
+            self.originals.evict_group(image.sha256)
+            metrics.render_sources.labels("fallback").inc()
+            if isinstance(exc, UndecodableImage):  # damaged: removed, and the blob derived again
+                with contextlib.suppress(ImgsvcError):
+                    await self.store.delete(key)
+                    await derivations.enqueue(self.catalog.pool, image.sha256, new_blob=True)
+            return None
+        metrics.render_sources.labels("level").inc()
+        return rendered
+
     async def fetch_original(self, image: ImageRecord) -> bytes:
-        data = self.originals.get(image.sha256)
+        try:  # the record knows the blob's exact size: nothing larger can be the original
+            return await self._fetch(blob_key(image.sha256), image.bytes, image)
+        except (BlobNotFound, BlobTooLarge) as exc:
+            log.error("original of image %s unreadable: %s", image.id, type(exc).__name__)
+            raise OriginalUnavailable(f"the original of image {image.id!r} cannot be read") from None
+
+    async def _fetch(self, key: str, max_bytes: int, image: ImageRecord) -> bytes:
+        """A blob (an original, or a level no larger than it) through the originals' LRU and one fetch at a time."""
+        data = self.originals.get(key)
         metrics.cache_total.labels("original", "miss" if data is None else "hit").inc()
         if data is not None:
             return data
 
         async def produce() -> bytes:
-            try:  # the record knows the blob's exact size: nothing larger can be the original
-                original = await self.store.get(blob_key(image.sha256), image.bytes)
-            except (BlobNotFound, BlobTooLarge) as exc:
-                log.error("original of image %s unreadable: %s", image.id, type(exc).__name__)
-                raise OriginalUnavailable(f"the original of image {image.id!r} cannot be read") from None
+            blob = await self.store.get(key, max_bytes)
             if image.id not in self.records.deleted:
-                self.originals.put(image.sha256, original, group=image.sha256)
-            return original
+                self.originals.put(key, blob, group=image.sha256)
+            return blob
 
-        data = await self._fetches.run(image.sha256, produce)
-        return data
+        return await self._fetches.run(key, produce)
 
 
 def negotiate(

@@ -11,14 +11,14 @@ import contextlib
 import hashlib
 import re
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, get_args
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from imgsvc import pipeline
+from imgsvc import derivations, pipeline
 from imgsvc.catalog import Catalog, ImageRecord, Visibility, new_image_id
 from imgsvc.errors import BadRequest, InvalidParameter, PayloadTooLarge, RequestTimeout, UnsupportedFormat
 from imgsvc.idempotency import Claim, IdempotencyKeys, KeyScope, Replay
@@ -255,6 +255,7 @@ class Ingest:
     pool: WorkerPool
     limits: pipeline.PipelineLimits
     keys: IdempotencyKeys
+    wake_deriver: Callable[[], None] | None = None  # wakes the derivation worker once the upload is committed
 
     async def ingest(
         self, body: UploadBody, owner: str, options: UploadOptions, retry_key: RetryKey | None = None
@@ -306,10 +307,14 @@ class Ingest:
             created_at=datetime.now(UTC),
         )
         async with self.catalog.blob_lock(sha256) as conn:  # garbage collection cannot take the blob meanwhile
-            if not await self.store.exists(blob_key(sha256)):  # identical bytes are written once
+            new_blob = not await self.store.exists(blob_key(sha256))
+            if new_blob:  # identical bytes are written once
                 await self.store.put(blob_key(sha256), data)
             async with conn.transaction():
                 stored = await self.catalog.insert(record, conn)
+                await derivations.enqueue(conn, sha256, new_blob=new_blob)  # levels and placeholder, off this path
                 if claim is not None:
                     await self.keys.complete(conn, claim, stored.id)
+        if self.wake_deriver is not None:
+            self.wake_deriver()
         return stored

@@ -66,6 +66,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         workers=2,
         unsigned_widths=None,  # the allow-list has its own tests; elsewhere any size is fine
         render_rate=0,  # so is the per-client render limit; elsewhere one address renders as much as it likes
+        derive_workers=0,  # so is the pyramid (tests/test_derive.py): elsewhere the store holds what tests put there
     )
 
 
@@ -168,6 +169,7 @@ def server_env(database_url: str, tmp_path: Path) -> dict[str, str]:
         "IMGSVC_DATA_DIR": str(tmp_path),
         "IMGSVC_WORKERS": "2",
         "IMGSVC_RENDER_RATE": "0",  # the per-client render limit has its own tests
+        "IMGSVC_DERIVE_WORKERS": "0",  # so has the pyramid
     }
 
 
@@ -269,6 +271,15 @@ def s3_env(seaweed: SeaweedS3, prefix: str) -> dict[str, str]:
         "IMGSVC_S3_SECRET_ACCESS_KEY": seaweed.secret_key,
         "IMGSVC_S3_PATH_STYLE": "true",
     }
+
+
+def with_s3(settings: Settings, seaweed: SeaweedS3, prefix: str) -> Settings:
+    """`settings` storing blobs in the session's SeaweedFS bucket, under `prefix`."""
+    return with_settings(
+        settings, storage_url=s3_env(seaweed, prefix)["IMGSVC_STORAGE_URL"], s3_endpoint_url=seaweed.endpoint_url,
+        s3_region="us-east-1", s3_access_key_id=seaweed.access_key, s3_secret_access_key=seaweed.secret_key,
+        s3_path_style=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 from imgsvc.gc import collect_garbage
 from imgsvc.storage import blob_key
-from tests.conftest import FLICKR, GIF_ANIMATED, PNG_ALPHA, app_client, s3_env, with_settings
+from tests.conftest import FLICKR, GIF_ANIMATED, PNG_ALPHA, app_client, with_s3, with_settings
 from tests.test_config import run_cli
 
 GRACE = timedelta(days=7)
@@ -35,13 +35,7 @@ async def test_only_blobs_unreferenced_for_longer_than_the_grace_period_go(reque
     if backend == "postgres":
         settings = with_settings(settings, storage_url="postgres:")
     elif backend == "s3":
-        seaweed = request.getfixturevalue("seaweed")
-        env = s3_env(seaweed, f"gc-{uuid.uuid4().hex[:8]}")
-        settings = with_settings(
-            settings, storage_url=env["IMGSVC_STORAGE_URL"], s3_endpoint_url=seaweed.endpoint_url,
-            s3_region="us-east-1", s3_access_key_id=seaweed.access_key, s3_secret_access_key=seaweed.secret_key,
-            s3_path_style=True,
-        )  # fmt: skip
+        settings = with_s3(settings, request.getfixturevalue("seaweed"), f"gc-{uuid.uuid4().hex[:8]}")
     async with app_client(settings) as client:
         services = client.services  # type: ignore[attr-defined]
         catalog, store = services.catalog, services.store

@@ -14,10 +14,11 @@ LAYERS = [
     {"config"},
     {"structure", "isolation"},
     {"nginx_deny"},  # nginx nodes' deny-lists, one kind of purge target
-    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge"},
+    {"signing", "headers", "cache", "workers", "ratelimit", "embedded", "migrations", "geometry", "purge", "thumbhash"},
     {"sniffing", "vips_hardening", "deadline"},
-    {"storage", "catalog", "idempotency", "pipeline", "client", "openapi"},
-    {"auth", "upload", "gc", "records"},
+    {"storage", "catalog", "idempotency", "pipeline", "client", "openapi", "derivations"},
+    {"pyramid"},  # levels and placeholders: pipeline + the derivation queue's records
+    {"auth", "upload", "gc", "records", "derive"},
     {"hits"},
     {"verifiers", "render", "invalidation", "importer"},
     {"services"},

@@ -15,7 +15,7 @@ import pytest
 
 from imgsvc.catalog import Catalog
 from imgsvc.errors import BlobNotFound, Unavailable
-from imgsvc.storage import BlobStore, BlobTooLarge, blob_key, open_store
+from imgsvc.storage import BlobStore, BlobTooLarge, blob_key, blob_of, derived_key, open_store
 from imgsvc.storage.s3 import S3Config
 
 BACKENDS = ["fs", "pg", "s3"]
@@ -158,3 +158,28 @@ async def test_a_failing_filesystem_is_unavailable_and_recovers(tmp_path: Path) 
     with pytest.raises(BlobNotFound):
         await store.get(key_of(b"never stored"), 1000)
     await store.close()
+
+
+async def test_derived_blobs_live_beside_their_blob(store: BlobStore) -> None:
+    """A pyramid level is a blob of its own under `derived/`, named after the blob it comes from."""
+    data = os.urandom(1000)
+    sha256 = hashlib.sha256(data).hexdigest()
+    levels = {derived_key(sha256, name): os.urandom(300) for name in ("1-4.jpg", "1-8.jpg")}
+    await store.put(key_of(data), data)
+    for key, level in levels.items():
+        await store.put(key, level)
+    assert all(key.startswith(f"derived/{sha256[:2]}/{sha256[2:4]}/{sha256}/") for key in levels)
+    listed = {key async for key, _ in store.list_blobs()}
+    assert listed == {key_of(data), *levels} and {blob_of(key) for key in listed} == {sha256}
+    for key, level in levels.items():
+        assert await store.get(key, len(level)) == level
+    await store.delete(key_of(data))  # each is removed on its own (gc removes them together)
+    assert await store.get(derived_key(sha256, "1-8.jpg"), 300) == levels[derived_key(sha256, "1-8.jpg")]
+    for key in levels:
+        await store.delete(key)
+    assert [key async for key, _ in store.list_blobs()] == []
+
+
+@pytest.mark.parametrize("key", ["derived/aa/bb/x/1-4.jpg", "other/file", "sha256/aa/bb", f"derived/{'0' * 64}"])
+def test_keys_of_no_blob_name_none(key: str) -> None:
+    assert blob_of(key) is None

@@ -1,6 +1,7 @@
 """Blob storage: the small interface every backend implements, and `open_store` by URL.
 
-Keys are content addresses (`sha256/<aa>/<bb>/<hex>`); a blob never changes once written.
+Keys are content addresses (`sha256/<aa>/<bb>/<hex>`), and what is derived from one lives under
+`derived/<aa>/<bb>/<hex>/<name>`; a blob never changes once written.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def blob_key(sha256_hex: str) -> str:
     if not _SHA256.match(sha256_hex):
         raise ValueError("not a sha256 hex digest")
     return f"sha256/{sha256_hex[:2]}/{sha256_hex[2:4]}/{sha256_hex}"
+
+
+def derived_key(sha256_hex: str, name: str) -> str:
+    """Where something derived from a blob (e.g. a reduced copy, `name` "1024.jpg") is kept, beside it."""
+    return validate_key(f"derived/{blob_key(sha256_hex).removeprefix('sha256/')}/{name}")
+
+
+def blob_of(key: str) -> str | None:
+    """The sha256 of the blob a key holds or is derived from; None for keys that are neither."""
+    parts = key.split("/")
+    if (len(parts) == 4 and parts[0] == "sha256") or (len(parts) == 5 and parts[0] == "derived"):
+        return parts[3] if _SHA256.match(parts[3]) else None
+    return None
 
 
 def validate_key(key: str) -> str:
