@@ -19,7 +19,11 @@ from imgsvc.errors import ImgsvcError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgsvc", description="imgsvc: store originals once, render any variant.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the HTTP service (embedded Postgres unless IMGSVC_DATABASE_URL is set)")
+    serve_cmd = commands.add_parser(
+        "serve", help="run the HTTP service (embedded Postgres unless IMGSVC_DATABASE_URL is set)"
+    )
+    serve_cmd.add_argument("--reuse-port", action="store_true",
+                           help="bind the port with SO_REUSEPORT, sharing it with other imgsvc processes")  # fmt: skip
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     config = commands.add_parser("config", help="show the effective settings")
     config.add_argument("--check", action="store_true", help="validate every setting; exit 1 on any error")
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return healthcheck(settings, args.timeout)
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
-        logs.configure(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
         if args.command == "import":
@@ -71,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
-        return serve(settings)
+        if settings.processes > 1 and not args.reuse_port:
+            return serve_processes(settings)
+        return serve(settings, args.reuse_port)
     except ConfigError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
@@ -202,17 +208,50 @@ async def purge_command(settings: Settings, image_id: str | None) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
+def serve_processes(settings: Settings) -> int:
+    """`IMGSVC_PROCESSES` copies of `imgsvc serve --reuse-port` on one port, with one embedded Postgres (started
+    here, unless IMGSVC_DATABASE_URL is set) for all of them."""
+    import os
+
+    from imgsvc.embedded import EmbeddedPostgres
+    from imgsvc.server import supervise
+
+    print(f"imgsvc: starting {settings.processes} processes on {settings.effective_public_url} "
+          f"(data in {settings.data_dir.resolve()})", flush=True)  # fmt: skip
+    env = {**os.environ, "IMGSVC_PROCESSES": "1"}
+    embedded = None
+    if settings.database_url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        env["IMGSVC_DATABASE_URL"] = embedded.start()
+    try:
+        return supervise([sys.executable, "-m", "imgsvc", "serve", "--reuse-port"], env, settings.processes)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            logs.flush()
+
+
+def serve(settings: Settings, reuse_port: bool = False) -> int:
     import threading
 
     import uvicorn
 
     from imgsvc.app import create_app
-    from imgsvc.server import ClientLimits, DrainingServer, fit_connections, guarded_protocol, tune_malloc
+    from imgsvc.server import (
+        ClientLimits,
+        DrainingServer,
+        fit_connections,
+        guarded_protocol,
+        shared_socket,
+        tune_malloc,
+    )
 
     tune_malloc()
     max_connections = fit_connections(settings.max_connections)
-    print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
+    if not reuse_port:
+        print(
+            f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True
+        )
     draining = threading.Event()  # set by the server on SIGTERM, read by /readyz
     app = create_app(settings, draining=draining)
     config = uvicorn.Config(
@@ -229,5 +268,6 @@ def serve(settings: Settings) -> int:
         http=guarded_protocol(ClientLimits(settings.header_timeout, max_connections)),
         backlog=settings.backlog,
     )
-    DrainingServer(config, draining, settings.drain_seconds).run()
+    sockets = [shared_socket(settings.host, settings.port, settings.backlog)] if reuse_port else None
+    DrainingServer(config, draining, settings.drain_seconds).run(sockets=sockets)
     return 0
