@@ -247,7 +247,7 @@ class Settings:
     )
     access_log: bool = _setting(
         True,
-        "One access-log line per request, queued and written in batches by a background thread (a few µs a request).",
+        "One access-log line per request, queued and written in batches by a background thread (~10 µs a request).",
         parse=parse_bool,
         group="ops",
     )
