@@ -269,5 +269,8 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         backlog=settings.backlog,
     )
     sockets = [shared_socket(settings.host, settings.port, settings.backlog)] if reuse_port else None
-    DrainingServer(config, draining, settings.drain_seconds).run(sockets=sockets)
+    try:
+        DrainingServer(config, draining, settings.drain_seconds).run(sockets=sockets)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised SIGINT
+        return 130
     return 0
