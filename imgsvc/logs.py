@@ -221,9 +221,12 @@ def flush() -> None:
 
 
 @atexit.register
-def _close_at_exit() -> None:
+def close() -> None:
+    """Write what is queued and stop the writer (lines are then logged synchronously, as before `configure`)."""
+    global _writer
     if _writer is not None:
         _writer.close()
+        _writer = None
 
 
 def resolve_format(log_format: LogFormat, stream: TextIO) -> Literal["json", "text"]:

@@ -4,7 +4,9 @@ one short text line per event on a terminal."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import pty
 import re
@@ -12,12 +14,16 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 from prometheus_client import REGISTRY
 
+from imgsvc import logs
+from imgsvc.server import DrainingServer
 from tests.conftest import FLICKR, PHOTO, ServerProcess, app_client, free_port, with_settings
 
 
@@ -117,6 +123,26 @@ def test_no_access_line_is_lost_on_a_clean_shutdown(server: ServerProcess, tmp_p
     logged = {e["request_id"] for e in entries if e["logger"] == "imgsvc.access"}
     assert {f"burst-{i}" for i in range(300)} <= logged
     assert any(e["msg"].startswith("Finished server process") for e in entries)  # written after the lifespan
+
+
+def test_queued_lines_are_written_before_a_signal_ends_the_server() -> None:
+    """uvicorn ends a signalled process by raising the signal again, which skips `atexit`."""
+    stream, root = io.StringIO(), logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("info", "json", stream)
+    try:
+        for i in range(100):
+            logs.log_access(logs.AccessEntry(time.time(), "GET", "/livez", b"", "/livez", 200, 0.001, 0, 15,
+                                             "127.0.0.1", f"queued-{i}", ""))  # fmt: skip
+        assert stream.getvalue() == ""  # a request only queues its line
+        with DrainingServer(uvicorn.Config(app=None), threading.Event(), 0).capture_signals():
+            pass
+        written = [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()]
+        assert written == [f"queued-{i}" for i in range(100)]  # all of them, in order, at once
+    finally:
+        logs.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
 
 
 def run_on_a_terminal(env: dict[str, str], tmp_path: Path, until: str) -> tuple[subprocess.Popen[bytes], int, str]:
