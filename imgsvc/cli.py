@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return healthcheck(settings, args.timeout)
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
+        if args.command == "serve":
+            from imgsvc.server import tune_malloc
+
+            tune_malloc()  # before any thread starts, the log writer's included
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
@@ -243,10 +247,8 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         fit_connections,
         guarded_protocol,
         shared_socket,
-        tune_malloc,
     )
 
-    tune_malloc()
     max_connections = fit_connections(settings.max_connections)
     if not reuse_port:
         print(
@@ -268,7 +270,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         http=guarded_protocol(ClientLimits(settings.header_timeout, max_connections)),
         backlog=settings.backlog,
     )
-    sockets = [shared_socket(settings.host, settings.port, settings.backlog)] if reuse_port else None
+    sockets = [shared_socket(settings.host, settings.port)] if reuse_port else None
     try:
         DrainingServer(config, draining, settings.drain_seconds).run(sockets=sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised SIGINT

@@ -199,16 +199,15 @@ def fit_connections(max_connections: int) -> int:
     return max_connections
 
 
-def shared_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT: several imgsvc processes bind the same port, and the kernel spreads
-    new connections over them."""
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT: several imgsvc processes bind the same port, and the kernel spreads new
+    connections over them. Not listening yet: uvicorn listens once the application has started, so no
+    connection waits in the backlog of a process that is still starting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(backlog)
-    sock.set_inheritable(True)
     return sock
 
 

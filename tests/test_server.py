@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import statistics
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -372,9 +373,14 @@ def test_several_processes_share_one_port(server_env: dict[str, str], tmp_path: 
         assert server.proc is not None
         children = psutil.Process(server.proc.pid).children()
         assert len(children) == 2
-        listening = {
-            c.pid for c in children for conn in c.net_connections("tcp") if conn.laddr.port == server.port
-        }  # both bound the port (SO_REUSEPORT)
+        deadline = time.monotonic() + 60  # /readyz answered from one of them: the other may still be starting
+        while True:
+            listening = {
+                c.pid for c in children for conn in c.net_connections("tcp") if conn.laddr.port == server.port
+            }  # both bound the port (SO_REUSEPORT)
+            if listening == {c.pid for c in children} or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert listening == {c.pid for c in children}
         with httpx.Client(base_url=server.url, timeout=30) as http:
             image_id = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
