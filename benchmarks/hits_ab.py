@@ -1,6 +1,8 @@
-"""LRU hits (H1 of compare.py) of two source trees in one run: `--before` against this working tree.
+"""LRU hits (H1 of compare.py) of imgsvc at its defaults (access log on), next to a bare Starlette endpoint
+returning the same bytes, in one run; optionally the access log off, two processes, and `--before` (another tree).
 
-Both servers run at once with compare.py's H1 settings; each round measures both, in alternating order.
+Every server runs at once; each round measures each of them at each connection count, in rotating order.
+Hits are the point here: every request asks for the one warmed URL.
 """
 
 from __future__ import annotations
@@ -14,41 +16,56 @@ from pathlib import Path
 import httpx
 from harness import REPO, free_port, kill, launch
 from peers import measure
-from peers.servers import upload
+from peers.servers import LOGS, start_fixed, upload
 from peers.workloads import HIT
 
-ENV = {"IMGSVC_LOG_LEVEL": "warning", "IMGSVC_UNSIGNED_WIDTHS": "*", "IMGSVC_UPLOAD_RATE": "0"}
+# The defaults, except what lets the benchmark upload and ask for W1's width: access log on, log level info.
+ENV = {"IMGSVC_UNSIGNED_WIDTHS": "*", "IMGSVC_UPLOAD_RATE": "0"}
+VARIANTS = {
+    "imgsvc": {},
+    "imgsvc access-log-off": {"IMGSVC_ACCESS_LOG": "false"},
+    "imgsvc 2-processes": {"IMGSVC_PROCESSES": "2"},
+}
 
 
-def start(tree: Path, tmp: Path, name: str):  # type: ignore[no-untyped-def]
+def start(tree: Path, tmp: Path, name: str, env: dict[str, str]):  # type: ignore[no-untyped-def]
     """(proc, hit URL) of `python -m imgsvc serve` importing imgsvc from `tree`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**ENV, "IMGSVC_PORT": str(port), "IMGSVC_DATA_DIR": str(tmp / name), "PYTHONPATH": str(tree)}
-    proc, _ = launch([sys.executable, "-m", "imgsvc", "serve"], env, f"{url}/readyz", tmp / f"{name}.log", cwd=tree)
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    env = {**ENV, **env, "IMGSVC_PORT": str(port), "IMGSVC_DATA_DIR": str(tmp / slug), "PYTHONPATH": str(tree)}
+    proc, _ = launch([sys.executable, "-m", "imgsvc", "serve"], env, f"{url}/readyz", tmp / f"{slug}.log", cwd=tree)
     image_id = upload(url, REPO / "tests" / "images" / HIT.file)
     hit = url + HIT.path(f"/img/{image_id}?w={{w}}&h={{h}}&fmt={{fmt}}&q={{q}}")
-    httpx.get(hit, timeout=60).raise_for_status()
+    for _ in range(4):  # with several processes, warm each one's LRU (connections are spread by the kernel)
+        httpx.get(hit, timeout=60).raise_for_status()
     return proc, hit
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--before", type=Path, required=True, help="a checkout of the commit to compare with")
+    parser.add_argument("--before", type=Path, help="also a checkout of another commit, at its defaults")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hit-seconds", type=float, default=5)
     parser.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[8, 32])
     args = parser.parse_args()
+    names = ["bare"] + [v for v in args.variants.split(",") if v] + (["before"] if args.before else [])
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
+        servers: dict[str, tuple] = {}
         try:
-            for name, tree in (("before", args.before.resolve()), ("after", REPO)):
-                servers[name] = start(tree, Path(tmp), name)
+            for name in names[1:]:
+                tree = args.before.resolve() if name == "before" else REPO
+                servers[name] = start(tree, Path(tmp), name, VARIANTS.get(name, {}))
+            body = httpx.get(next(iter(servers.values()))[1], timeout=60).content
+            LOGS.mkdir(parents=True, exist_ok=True)
+            fixed = start_fixed(Path(tmp), body)
+            servers = {"bare": (fixed.proc, fixed.url + "/"), **servers}
             for proc, hit in servers.values():
                 measure.wrk(hit, 8, 2, None, [proc.pid])  # warm-up
             runs: dict[tuple[str, int], list[measure.Run]] = {}
             for rnd in range(args.rounds):
-                order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
+                order = names[rnd % len(names) :] + names[: rnd % len(names)]
                 for c in args.connections:
                     for name in order:
                         proc, hit = servers[name]
@@ -62,18 +79,18 @@ def main() -> None:
         finally:
             for proc, _ in servers.values():
                 kill(proc)
-    print("| c | req/s before / after | after ÷ before req/s | CPU µs/req before / after | after ÷ before CPU/req |")
-    print("|---|---|---|---|---|")
+    print("| server | c | req/s (median) | ÷ bare req/s | CPU µs/req | errors |")
+    print("|---|---|---|---|---|---|")
     for c in args.connections:
-        before, after = runs["before", c], runs["after", c]
-        rps = statistics.median(a.rps / b.rps for a, b in zip(after, before, strict=True))
-        cpu = statistics.median(a.cpu_ms / b.cpu_ms for a, b in zip(after, before, strict=True))
-        print(
-            f"| {c} | {statistics.median(r.rps for r in before):,.0f} / {statistics.median(r.rps for r in after):,.0f}"
-            f" | ×{rps:.3f} | {statistics.median(r.cpu_ms for r in before) * 1000:.1f} /"
-            f" {statistics.median(r.cpu_ms for r in after) * 1000:.1f} | ×{cpu:.3f} |"
-        )
-    print("ratios: medians of the per-round ratios (both servers measured in each round, order alternating)")
+        bare = runs["bare", c]
+        for name in names:
+            mine = runs[name, c]
+            ratio = statistics.median(a.rps / b.rps for a, b in zip(mine, bare, strict=True))
+            print(
+                f"| {name} | {c} | {statistics.median(r.rps for r in mine):,.0f} | ×{ratio:.2f} |"
+                f" {statistics.median(r.cpu_ms for r in mine) * 1000:.1f} | {sum(r.errors for r in mine)} |"
+            )
+    print("ratios: medians of the per-round ratios to the bare endpoint measured in the same round")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ from imgsvc.errors import ImgsvcError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgsvc", description="imgsvc: store originals once, render any variant.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the HTTP service (embedded Postgres unless IMGSVC_DATABASE_URL is set)")
+    serve_cmd = commands.add_parser(
+        "serve", help="run the HTTP service (embedded Postgres unless IMGSVC_DATABASE_URL is set)"
+    )
+    serve_cmd.add_argument("--reuse-port", action="store_true",
+                           help="bind the port with SO_REUSEPORT, sharing it with other imgsvc processes")  # fmt: skip
     commands.add_parser("migrate", help="apply pending database migrations and exit")
     config = commands.add_parser("config", help="show the effective settings")
     config.add_argument("--check", action="store_true", help="validate every setting; exit 1 on any error")
@@ -56,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return healthcheck(settings, args.timeout)
         if args.command == "sign":
             return print_signed_url(settings, args.image_id, args.query, args.expires_in, args.base_url)
-        logs.configure(settings.log_level)
+        if args.command == "serve":
+            from imgsvc.server import tune_malloc
+
+            tune_malloc()  # before any thread starts, the log writer's included
+        logs.configure(settings.log_level, settings.log_format)
         if args.command == "migrate":
             return asyncio.run(migrate(settings))
         if args.command == "import":
@@ -76,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
-        return serve(settings)
+        if settings.processes > 1 and not args.reuse_port:
+            return serve_processes(settings)
+        return serve(settings, args.reuse_port)
     except ConfigError as exc:
         print(f"imgsvc: {exc}", file=sys.stderr)
         return 2
@@ -223,20 +233,51 @@ async def derive_command(settings: Settings, backfill: bool, retry_failed: bool)
     return 1 if states.get("failed") else 0
 
 
-def serve(settings: Settings) -> int:
+def serve_processes(settings: Settings) -> int:
+    """`IMGSVC_PROCESSES` copies of `imgsvc serve --reuse-port` on one port, with one embedded Postgres (started
+    here, unless IMGSVC_DATABASE_URL is set) for all of them."""
+    import os
+
+    from imgsvc.embedded import EmbeddedPostgres
+    from imgsvc.server import supervise
+
+    print(f"imgsvc: starting {settings.processes} processes on {settings.effective_public_url} "
+          f"(data in {settings.data_dir.resolve()})", flush=True)  # fmt: skip
+    env = {**os.environ, "IMGSVC_PROCESSES": "1"}
+    embedded = None
+    if settings.database_url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        env["IMGSVC_DATABASE_URL"] = embedded.start()
+    try:
+        return supervise([sys.executable, "-m", "imgsvc", "serve", "--reuse-port"], env, settings.processes)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            logs.flush()
+
+
+def serve(settings: Settings, reuse_port: bool = False) -> int:
     import threading
 
     import uvicorn
 
     from imgsvc.app import create_app
-    from imgsvc.server import ClientLimits, DrainingServer, fit_connections, guarded_protocol, tune_malloc
+    from imgsvc.server import (
+        ClientLimits,
+        DrainingServer,
+        fit_connections,
+        guarded_protocol,
+        shared_socket,
+    )
 
-    tune_malloc()
     settings = with_local_console(settings)
     max_connections = fit_connections(settings.max_connections)
-    print(f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True)
-    if settings.console:
-        print(f"imgsvc: console on {settings.effective_public_url}/console", flush=True)
+    if not reuse_port:
+        print(
+            f"imgsvc: starting on {settings.effective_public_url} (data in {settings.data_dir.resolve()})", flush=True
+        )
+        if settings.console:
+            print(f"imgsvc: console on {settings.effective_public_url}/console", flush=True)
     draining = threading.Event()  # set by the server on SIGTERM, read by /readyz
     app = create_app(settings, draining=draining)
     config = uvicorn.Config(
@@ -253,7 +294,11 @@ def serve(settings: Settings) -> int:
         http=guarded_protocol(ClientLimits(settings.header_timeout, max_connections)),
         backlog=settings.backlog,
     )
-    DrainingServer(config, draining, settings.drain_seconds).run()
+    sockets = [shared_socket(settings.host, settings.port)] if reuse_port else None
+    try:
+        DrainingServer(config, draining, settings.drain_seconds).run(sockets=sockets)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised SIGINT
+        return 130
     return 0
 
 

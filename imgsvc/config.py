@@ -35,6 +35,7 @@ from imgsvc.config_values import (
     show_value,
 )
 from imgsvc.errors import InvalidParameter
+from imgsvc.logs import LogFormat
 from imgsvc.spec import DEFAULT_PRESETS, Presets, SpecLimits, parse_presets, parse_query
 
 AuthMode = Literal["none", "introspect", "jwks"]
@@ -248,7 +249,7 @@ class Settings:
     )
     access_log: bool = _setting(
         True,
-        "One JSON access-log line per request (behind nginx, which logs too, off gains ~40% on LRU hits).",
+        "One access-log line per request, queued and written in batches by a background thread (~10 µs a request).",
         parse=parse_bool,
         group="ops",
     )
@@ -482,6 +483,21 @@ class Settings:
         "crash is taken again after twice this plus 10 s.",
         parse=parse_float(0.5, 600), group="render",
     )  # fmt: skip
+    log_format: LogFormat = _setting(
+        "auto",
+        "Log lines as `json` (one object per line, for collectors) or `text` (one short line per event, for "
+        "people); `auto`: text when stderr is a terminal, JSON otherwise.",
+        parse=parse_choice(get_args(LogFormat)),
+        group="ops",
+    )
+    processes: int = _setting(
+        1,
+        "imgsvc processes serving one port (SO_REUSEPORT: the kernel spreads connections over them), each with its "
+        "own caches and IMGSVC_WORKERS render threads; for a host without nginx in front. The embedded Postgres "
+        "is shared by all of them.",
+        parse=parse_int(1, 64),
+        group="ops",
+    )
 
     @property
     def effective_storage_url(self) -> str:

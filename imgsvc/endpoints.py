@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from imgsvc import metrics, openapi
 from imgsvc.auth import Principal, Scope, authenticate, authorize
 from imgsvc.catalog import ImageRecord
+from imgsvc.client_hints import NO_HINTS, ClientHints, client_hints
 from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.errors import BadRequest, ImgsvcError, InvalidParameter, NotFound
 from imgsvc.headers import CONTENT_SECURITY_POLICY, MEDIA_TYPES, NO_STORE, variant_headers
@@ -202,6 +203,7 @@ async def render_image(request: Request) -> Response:
         principal=principal,
         if_none_match=request.headers.get("if-none-match"),
         charge=None if exempt else partial(svc.render_limiter.hit, client),
+        hints=hint_headers(request) if query.spec.auto else NO_HINTS,
     )
     now, tags = time.time(), svc.settings.cache_tags
     if result.not_modified:
@@ -215,6 +217,11 @@ async def render_image(request: Request) -> Response:
     cache_status = "hit" if result.outcome == "hit" else "miss"
     headers = variant_headers(result, cache_status=cache_status, length=len(result.data), now=now, tags=tags)
     return _Prebuilt(200, headers, b"" if request.method == "HEAD" else result.data)
+
+
+def hint_headers(request: Request) -> ClientHints:
+    get = request.headers.get
+    return client_hints(get("sec-ch-width"), get("sec-ch-dpr"), get("save-data"))
 
 
 async def openapi_json(request: Request) -> Response:

@@ -10,6 +10,8 @@ import hashlib
 import re
 from typing import Literal, Protocol
 
+from imgsvc.client_hints import ACCEPT_CH
+
 CacheStatus = Literal["hit", "miss"]
 
 ONE_YEAR = 31_536_000
@@ -68,6 +70,8 @@ class Answer(Protocol):
     @property
     def vary_accept(self) -> bool: ...
     @property
+    def vary_hints(self) -> tuple[str, ...]: ...
+    @property
     def expires(self) -> int | None: ...
     @property
     def filename(self) -> str: ...
@@ -97,8 +101,11 @@ def variant_headers(
         headers += [(b"access-control-allow-origin", b"*"), (b"cross-origin-resource-policy", b"cross-origin")]
     else:
         headers.append((b"cross-origin-resource-policy", b"same-site"))
-    if answer.vary_accept:
-        headers.append((b"vary", b"Accept"))
+    vary = ("Accept",) * answer.vary_accept + answer.vary_hints
+    if vary:
+        headers.append((b"vary", ", ".join(vary).encode()))
+    if answer.vary_hints:  # an answer to a client-hint URL asks for the hints it depends on
+        headers.append((b"accept-ch", ACCEPT_CH.encode()))
     if tags:
         tag = cache_tag(answer.image_id).encode()
         headers += [(b"surrogate-key", tag), (b"cache-tag", tag)]

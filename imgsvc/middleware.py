@@ -62,7 +62,7 @@ class RequestContext:
             return
         scope.setdefault("state", {})["request_id"] = rid
         token = logs.request_id.set(rid)
-        status, sent, received = 500, 0, 0
+        status, sent, received, cache = 500, 0, 0, ""
 
         async def receive_counted() -> Message:
             nonlocal received
@@ -71,10 +71,16 @@ class RequestContext:
             return message
 
         async def send_with_context(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, cache
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers = []
+                for key, value in message.get("headers", []):
+                    name = key.lower()
+                    if name == b"x-cache":
+                        cache = value.decode("latin-1")
+                    if name != b"x-request-id":
+                        headers.append((key, value))
                 message = {**message, "headers": headers + context_headers(rid)}
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -84,7 +90,7 @@ class RequestContext:
             await self.app(scope, receive_counted, send_with_context)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self._finish(scope, route, status, started, received, sent, rid)
+            self._finish(scope, route, status, started, received, sent, rid, cache)
             logs.request_id.reset(token)
 
     async def _send_remembered(self, scope: Scope, send: Send, rid: str, started: float) -> bool:
@@ -110,11 +116,11 @@ class RequestContext:
             body = b""
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self._finish(scope, RENDER_ROUTE, answer.status, started, 0, len(body), rid)
+        self._finish(scope, RENDER_ROUTE, answer.status, started, 0, len(body), rid, "hit")
         return True
 
     def _finish(self, scope: Scope, route: str, status: int, started: float, received: int, sent: int,
-                rid: str) -> None:  # fmt: skip
+                rid: str, cache: str) -> None:  # fmt: skip
         elapsed = time.perf_counter() - started
         labels = (route, scope["method"], status)
         children = self._children.get(labels)
@@ -132,19 +138,9 @@ class RequestContext:
         _BYTES_OUT.inc(sent)
         if self.access_log and logs.access.isEnabledFor(logging.INFO):
             client = (scope.get("client") or ("", 0))[0]  # the real one, behind a trusted proxy
-            fields = {"method": scope["method"], "uri": loggable_uri(scope), "route": route, "status": status,
-                      "ms": round(elapsed * 1000, 2), "bytes_in": received, "bytes_out": sent, "client": client,
-                      "request_id": rid}  # fmt: skip
-            logs.access.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
-
-
-def loggable_uri(scope: Scope) -> str:
-    """Path and query as received, with a signature's `s` redacted: a signed URL with `exp` is a capability."""
-    query = scope.get("query_string", b"").decode("latin-1")
-    if not query:
-        return str(scope["path"])
-    redacted = "&".join("s=REDACTED" if part.startswith("s=") else part for part in query.split("&"))
-    return f"{scope['path']}?{redacted}"
+            query = scope.get("query_string", b"")
+            logs.log_access(logs.AccessEntry(time.time(), scope["method"], scope["path"], query, route, status,
+                                             elapsed, received, sent, client, rid, cache))  # fmt: skip
 
 
 def header(scope: Scope, name: bytes) -> str | None:

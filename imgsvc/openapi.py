@@ -52,12 +52,13 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 def document(settings: Settings) -> dict[str, Any]:
     dim = {"type": "integer", "minimum": 1, "maximum": settings.max_output_dim}
+    dpr = {"type": "number", "minimum": 1, "maximum": 4}
     id_schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{22}$"}
     image_id = {"name": "id", "in": "path", "required": True, "schema": id_schema}
     render_params = [
-        _query("w", dim, "width in CSS pixels (times dpr)"),
+        _query("w", {"anyOf": [dim, {"const": "auto"}]}, "width in CSS pixels (times dpr); auto: Sec-CH-Width"),
         _query("h", dim, "height in CSS pixels (times dpr)"),
-        _query("dpr", {"type": "number", "minimum": 1, "maximum": 4}, "device pixel ratio"),
+        _query("dpr", {"anyOf": [dpr, {"const": "auto"}]}, "device pixel ratio; auto: Sec-CH-DPR"),
         _query("fit", {"type": "string", "enum": list(get_args(Fit)), "default": "inside"}, "sharp's fit"),
         _query("g", {"type": "string", "enum": list(get_args(Gravity)), "default": "center"}, "gravity"),
         _query("fmt", {"type": "string", "enum": list(get_args(RequestedFormat))}, "output format"),

@@ -19,6 +19,8 @@ from imgsvc import derivations, metrics, pipeline, pyramid
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
+from imgsvc.client_hints import NO_HINTS, ClientHints, resolve_hints, save_data_quality
+from imgsvc.config import DEFAULT_WIDTHS
 from imgsvc.derivations import Source
 from imgsvc.errors import (
     BlobNotFound,
@@ -53,6 +55,8 @@ class RenderResult:
     expires: int | None  # a signed URL's exp, which bounds every cache
     variant_key: str  # in the variant LRU
     stamp: RecordStamp  # when the record was read: what it rendered is trusted no longer
+    spec: TransformSpec  # what is rendered: the URL's, or what its client hints made of it
+    vary_hints: tuple[str, ...] = ()  # the client-hint headers the answer depends on (`w=auto`, `dpr=auto`)
     outcome: Outcome = "not-modified"
     data: bytes = b""
 
@@ -71,7 +75,7 @@ class RenderResult:
     @property
     def rememberable(self) -> bool:
         """Whether every anonymous request for the same URL gets these very bytes and headers."""
-        return self.public and self.expires is None and not self.not_modified
+        return self.public and self.expires is None and not self.not_modified and not self.vary_hints
 
     @property
     def filename(self) -> str:
@@ -107,6 +111,8 @@ class Renderer:
         self.level_scales = level_scales  # the pyramid's levels (imgsvc.pyramid); empty: every render from the original
         self.variants = hits.variants
         self.originals: ByteLRU[str, bytes] = ByteLRU(original_cache_bytes, len)
+        sizes = policy.unsigned.sizes if policy.unsigned is not None else None
+        self.hint_widths = tuple(sorted(sizes)) if sizes else DEFAULT_WIDTHS  # what w=auto snaps up to
         self.decoded: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(
             decoded_cache_bytes, pipeline.decoded_bytes
         )
@@ -137,13 +143,15 @@ class Renderer:
         principal: Principal | None,
         if_none_match: str | None,
         charge: Callable[[], None] | None = None,
+        hints: ClientHints = NO_HINTS,
     ) -> RenderResult:
         """The answer; `charge` is called (and may raise RateLimited) only when the variant must be rendered."""
         grant = self.policy.grant(image_id, query)  # before any I/O: a bad URL costs no database read
         stamp = self.records.stamp()
         image = await self.records.lookup(self.catalog, image_id)
         authorize_view(image, principal, grant)
-        result = negotiate(image, query.spec, accept, grant, stamp)
+        spec, used = resolve_hints(query.spec, hints, self.hint_widths, image.width, self.limits.max_output_dim)
+        result = negotiate(image, spec, accept, grant, stamp, used, hints.save_data)
         if etag_matches(if_none_match, result.etag):
             return result
         data = self.variants.get(result.variant_key)
@@ -152,7 +160,7 @@ class Renderer:
             return replace(result, outcome="hit", data=data)
         if charge is not None:  # per request, outside the single flight: a 429 never reaches others waiting on it
             charge()
-        data = await self._renders.run(result.variant_key, lambda: self._produce(image, query.spec, result))
+        data = await self._renders.run(result.variant_key, lambda: self._produce(image, result.spec, result))
         return replace(result, outcome="miss", data=data)
 
     async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> bytes:
@@ -242,16 +250,25 @@ class Renderer:
 
 
 def negotiate(
-    image: ImageRecord, spec: TransformSpec, accept: str | None, grant: Grant, stamp: RecordStamp
+    image: ImageRecord,
+    spec: TransformSpec,
+    accept: str | None,
+    grant: Grant,
+    stamp: RecordStamp,
+    hints_used: tuple[str, ...] = (),
+    save_data: bool = False,
 ) -> RenderResult:
-    """Output format, ETag and variant key, all known before any pixel work (outcome: not-modified)."""
+    """Output format, ETag and variant key, all known before any pixel work (outcome: not-modified).
+    `Save-Data: on` lowers the quality only of URLs that opted in to client hints (`hints_used`)."""
     vary = varies_on_accept(spec)
     token = accept_token(accept) if vary else "legacy"
     fmt = choose_output_format(spec.format, token, image.format, image.has_alpha, image.frames > 1)  # type: ignore[arg-type]
+    if hints_used and save_data:
+        spec = save_data_quality(spec, fmt)
     render_key = spec.render_key()
     etag = render_etag(image.sha256, render_key, fmt, pipeline.PIPELINE_VERSION)
     key = f"{image.sha256}|{render_key}|{fmt}"
-    return RenderResult(image, fmt, etag, vary, grant.expires, key, stamp)
+    return RenderResult(image, fmt, etag, vary, grant.expires, key, stamp, spec, hints_used)
 
 
 def authorize_view(image: ImageRecord, principal: Principal | None, grant: Grant) -> None:

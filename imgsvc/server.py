@@ -5,14 +5,19 @@ uvicorn shuts down gracefully."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import logging
 import os
 import resource
+import signal
+import socket
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, ClassVar
@@ -20,6 +25,7 @@ from typing import Any, ClassVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from imgsvc import logs
 from imgsvc.errors import ImgsvcError, Overloaded, RequestTimeout
 
 log = logging.getLogger("imgsvc.server")
@@ -50,6 +56,16 @@ class DrainingServer(uvicorn.Server):
         self.draining = draining  # the flag /readyz reports (`app.create_app(draining=...)`)
         self.drain_seconds = drain_seconds
         self._draining = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn ends a process stopped by a signal with that signal again, which skips `atexit`: the queued
+        log lines are written before."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                logs.flush()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.draining.set()
@@ -181,3 +197,44 @@ def fit_connections(max_connections: int) -> int:
                     "serving at most %d connections", max_connections, needed, soft, fitting)  # fmt: skip
         return fitting
     return max_connections
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT: several imgsvc processes bind the same port, and the kernel spreads new
+    connections over them. Not listening yet: uvicorn listens once the application has started, so no
+    connection waits in the backlog of a process that is still starting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def supervise(command: list[str], env: dict[str, str], processes: int) -> int:
+    """Run `processes` copies of `command` (each binding the port with SO_REUSEPORT); SIGTERM/SIGINT are passed
+    on to every one (each drains and stops by itself); when one ends on its own, the others are stopped too.
+    The exit status is the first nonzero one of the copies."""
+    children = [subprocess.Popen(command, env=env) for _ in range(processes)]
+    log.info("serving with %d processes: pids %s", processes, " ".join(str(c.pid) for c in children))
+    stopping = threading.Event()
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        stopping.set()
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while all(child.poll() is None for child in children) and not stopping.is_set():
+            stopping.wait(0.5)
+        if not stopping.is_set():
+            ended = next(child for child in children if child.poll() is not None)
+            log.error("process %d ended with status %s: stopping the others", ended.pid, ended.returncode)
+            forward(signal.SIGTERM, None)
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return next((code for code in codes if code not in (0, -signal.SIGTERM, -signal.SIGINT)), 0)

@@ -21,6 +21,7 @@ RequestedFormat = Literal["auto", "jpeg", "png", "webp", "avif", "gif"]
 OutputFormat = Literal["jpeg", "png", "webp", "avif", "gif"]
 SourceFormat = Literal["jpeg", "png", "webp", "gif", "avif", "heif", "tiff"]
 AcceptToken = Literal["avif", "webp", "legacy"]
+AutoHint = Literal["w", "dpr"]  # `w=auto` takes Sec-CH-Width, `dpr=auto` Sec-CH-DPR
 PresetItems = tuple[tuple[str, str], ...]
 Presets = Mapping[str, PresetItems]  # name -> its query items, as `IMGSVC_PRESETS` defines them
 
@@ -72,6 +73,7 @@ class TransformSpec:
     background: str = DEFAULT_BACKGROUND  # 6 lowercase hex digits (RGB)
     blur: float | None = None  # sigma, at most 2 decimals
     version: str | None = None  # the `v` token; ignored by the renderer
+    auto: AutoHint | None = None  # a client-hint template: `resolve_hints` makes the spec that is rendered
 
     def canonical_query(self) -> str:
         """Alphabetical `key=value` pairs, defaults omitted, `v` included; never p/dpr/s/kid/exp."""
@@ -87,6 +89,8 @@ class TransformSpec:
             items.append(("bg", self.background))
         if self.blur is not None:
             items.append(("blur", _format_blur(self.blur)))
+        if self.auto == "dpr":
+            items.append(("dpr", "auto"))
         if self.fit != "inside":
             items.append(("fit", self.fit))
         if self.format is not None:
@@ -101,6 +105,8 @@ class TransformSpec:
             items.append(("v", self.version))
         if self.width is not None:
             items.append(("w", str(self.width)))
+        elif self.auto == "w":
+            items.append(("w", "auto"))
         return "&".join(f"{key}={value}" for key, value in items)
 
 
@@ -162,9 +168,10 @@ def parse_query(items: Sequence[tuple[str, str]], limits: SpecLimits = _DEFAULT_
 
 def _build_spec(values: Mapping[str, str], version: str | None, limits: SpecLimits) -> TransformSpec:
     top = limits.max_output_dim
-    width = _int(values.get("w"), "w", _INT, 1, top, "a width in pixels")
+    auto = _parse_auto(values)
+    width = None if auto == "w" else _int(values.get("w"), "w", _INT, 1, top, "a width in pixels")
     height = _int(values.get("h"), "h", _INT, 1, top, "a height in pixels")
-    dpr = _parse_dpr(values.get("dpr"))
+    dpr = Decimal(1) if auto == "dpr" else _parse_dpr(values.get("dpr"))
     width, height = _scale(width, dpr, top), _scale(height, dpr, top)
     fit = cast(Fit, _choice(values.get("fit"), "fit", _FITS) or "inside")
     gravity = cast(Gravity, _choice(values.get("g"), "g", _GRAVITIES) or "center")
@@ -180,7 +187,19 @@ def _build_spec(values: Mapping[str, str], version: str | None, limits: SpecLimi
     lossy = fmt in ("jpeg", "webp", "avif")
     if fmt in ("png", "gif") or (lossy and quality == DEFAULT_QUALITY[cast(OutputFormat, fmt)]):
         quality = None
-    return TransformSpec(width, height, fit, gravity, fmt, quality, background, blur, version)
+    return TransformSpec(width, height, fit, gravity, fmt, quality, background, blur, version, auto)
+
+
+def _parse_auto(values: Mapping[str, str]) -> AutoHint | None:
+    if values.get("w") == "auto":
+        if "dpr" in values:
+            raise InvalidParameter("w=auto takes Sec-CH-Width, already in device pixels: drop dpr", param="dpr")
+        return "w"
+    if values.get("dpr") == "auto":
+        if "w" not in values and "h" not in values:
+            raise InvalidParameter("dpr=auto multiplies w or h: give one of them", param="dpr")
+        return "dpr"
+    return None
 
 
 def _match(value: str | None, key: str, pattern: re.Pattern[str], allowed: str) -> str | None:

@@ -10,6 +10,7 @@ from tests.conftest import REPO
 LAYERS = [
     {"errors", "metrics", "logs"},
     {"spec"},
+    {"client_hints"},
     {"config_values"},  # parsers of IMGSVC_* values; presets with spec's rules
     {"config"},
     {"structure", "isolation"},

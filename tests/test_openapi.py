@@ -47,7 +47,9 @@ async def test_render_parameters_carry_the_spec_enums_and_ranges(client: httpx.A
     assert params["fit"]["enum"] == list(get_args(Fit))
     assert params["g"]["enum"] == list(get_args(Gravity))
     assert params["fmt"]["enum"] == list(get_args(RequestedFormat))
-    assert (params["w"]["minimum"], params["w"]["maximum"]) == (1, 8192)
+    width, auto = params["w"]["anyOf"]
+    assert (width["minimum"], width["maximum"]) == (1, 8192) and auto == {"const": "auto"}  # client hints
+    assert params["dpr"]["anyOf"][1] == {"const": "auto"}
     assert (params["q"]["minimum"], params["q"]["maximum"]) == (1, 100)
     # every query key the parser knows is documented
     assert set(params) == {"id", "w", "h", "dpr", "fit", "g", "fmt", "q", "bg", "blur", "p", "v", "s", "kid", "exp"}

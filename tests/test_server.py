@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import statistics
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -362,3 +363,36 @@ def test_connections_fit_the_file_descriptor_limit(hard: int, fitted: str) -> No
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert run.stdout.strip() == fitted, run
     assert ("serving at most 344 connections" in run.stderr) == (hard == 600), run.stderr
+
+
+def test_several_processes_share_one_port(server_env: dict[str, str], tmp_path: Path) -> None:
+    import psutil
+
+    server = ServerProcess({**server_env, "IMGSVC_PROCESSES": "2"}, tmp_path / "server.log").start()
+    try:
+        assert server.proc is not None
+        children = psutil.Process(server.proc.pid).children()
+        assert len(children) == 2
+        deadline = time.monotonic() + 60  # /readyz answered from one of them: the other may still be starting
+        while True:
+            listening = {
+                c.pid for c in children for conn in c.net_connections("tcp") if conn.laddr.port == server.port
+            }  # both bound the port (SO_REUSEPORT)
+            if listening == {c.pid for c in children} or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert listening == {c.pid for c in children}
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            image_id = http.post("/images", content=FLICKR.read_bytes(), headers={"Content-Type": "image/jpeg"})
+            assert image_id.status_code == 201
+            seen = set()
+            for _ in range(40):  # new connections: the kernel spreads them over both processes
+                with httpx.Client(base_url=server.url, timeout=30) as fresh:
+                    rendered = fresh.get(f"/img/{image_id.json()['id']}?w=64")
+                assert rendered.status_code == 200 and rendered.content[:3] == b"\xff\xd8\xff"
+                seen.add(rendered.headers["x-cache"])
+        assert seen == {"hit", "miss"}
+    finally:
+        assert server.stop() == 0  # SIGTERM reaches both; the supervisor exits cleanly
+    assert all(not psutil.pid_exists(c.pid) or psutil.Process(c.pid).status() == psutil.STATUS_ZOMBIE
+               for c in children)  # fmt: skip
