@@ -80,8 +80,12 @@ UPLOADS: list[tuple[str, Callable[[], bytes], str, int]] = [
     ("jpeg with corrupt entropy data", lambda: JPEG[:2000] + bytes(200_000) + JPEG[202_000:], "image/jpeg", 201),
     ("only a jpeg signature", lambda: b"\xff\xd8\xff\xe0" + bytes(100), "image/jpeg", 422),
     ("svg", lambda: b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>', "image/svg+xml", 415),
-    ("svg disguised as png", lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "image/png",
-     415),
+    (
+        "svg disguised as png",
+        lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
+        "image/png",
+        415,
+    ),
     ("pdf disguised as jpeg", lambda: b"%PDF-1.7\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "image/jpeg", 415),
     ("html disguised as gif", lambda: b"<!doctype html><script>alert(1)</script>", "image/gif", 415),
     ("empty body", lambda: b"", "image/png", 400),
@@ -93,11 +97,19 @@ UPLOADS: list[tuple[str, Callable[[], bytes], str, int]] = [
     ("png sent as image/jpeg (lying type)", lambda: PNG, "image/jpeg", 201),  # the bytes decide
     ("huge exif", huge_exif_jpeg, "image/jpeg", 201),
     ("cmyk jpeg", cmyk_jpeg, "image/jpeg", 201),
-    ("16-bit png", lambda: encoded((base_image() * 256).cast("ushort").copy(interpretation="rgb16"), ".png"),
-     "image/png", 201),
+    (
+        "16-bit png",
+        lambda: encoded((base_image() * 256).cast("ushort").copy(interpretation="rgb16"), ".png"),
+        "image/png",
+        201,
+    ),
     ("palette png", lambda: encoded(base_image(), ".png", palette=True), "image/png", 201),
-    ("grey + alpha png", lambda: encoded(base_image()[0].bandjoin(128).copy(interpretation="b-w"), ".png"),
-     "image/png", 201),
+    (
+        "grey + alpha png",
+        lambda: encoded(base_image()[0].bandjoin(128).copy(interpretation="b-w"), ".png"),
+        "image/png",
+        201,
+    ),
     ("1 x 8000 sliver", lambda: encoded(base_image(1, 8000), ".png"), "image/png", 201),
     ("8000 x 1 sliver", lambda: encoded(base_image(8000, 1), ".png"), "image/png", 201),
 ]

@@ -107,7 +107,7 @@ async def test_a_revalidation_is_answered_304_as_the_full_path_would(client: htt
     assert (await client.get(url)).status_code == 200  # remembered now
     _break_full_path(_renderer(client), monkeypatch)
     _renderer(client).variants.clear()  # a 304 needs no bytes, on either path
-    for validator in (etag, f'W/{etag}', f'"other", {etag}', "*"):
+    for validator in (etag, f"W/{etag}", f'"other", {etag}', "*"):
         remembered = await client.get(url, headers={"If-None-Match": validator})
         assert (remembered.status_code, remembered.content) == (304, b""), validator
         assert _without_request_id(remembered) == _without_request_id(full)
