@@ -1,4 +1,4 @@
-"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, healthcheck."""
+"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, views, healthcheck."""
 
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     purge = commands.add_parser("purge", help="CDN purge outbox: list undelivered purges, or re-send one image's")
     purge.add_argument("image_id", nargs="?", help="queue the purge of this image again for every target")
     purge.add_argument("--pending", action="store_true", help="list undelivered purges with attempts and last error")
+    views = commands.add_parser("views", help="view counts kept outside imgsvc")
+    ingest = views.add_subparsers(dest="views_command", required=True).add_parser(
+        "ingest", help="count the views a cache in front answered itself (nginx's hits), from its JSON access log"
+    )
+    ingest.add_argument("log", type=Path, help="the access log (nginx's imgsvc_json format, or the minimal one)")
+    mode = ingest.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--once", action="store_true", help="read to the end of the log, commit, exit")
+    mode.add_argument("--follow", action="store_true", help="keep reading as the log grows (until SIGTERM)")
+    ingest.add_argument("--source", help="name of the saved offset (default: the log's absolute path)")
+    ingest.add_argument("--interval", type=float, default=1.0, help="seconds between reads with --follow")
     health = commands.add_parser("healthcheck", help="exit 0 if the local service's /readyz answers 200 (containers)")
     health.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
@@ -68,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bool(args.pending) == bool(args.image_id):
                 parser.error("purge takes --pending or an image id")
             return asyncio.run(purge_command(settings, args.image_id))
+        if args.command == "views":
+            return asyncio.run(ingest_views(settings, args.log, args.source, args.follow, args.interval))
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
@@ -199,6 +211,22 @@ async def purge_command(settings: Settings, image_id: str | None) -> int:
             job = await enqueue(conn, image_id, "resend")
             targets = await conn.fetchval("SELECT count(*) FROM purge_deliveries WHERE job_id = $1", job)
     print(f"queued purge job {job} of {image_id} for {targets} targets")
+    return 0
+
+
+async def ingest_views(settings: Settings, path: Path, source: str | None, follow: bool, interval: float) -> int:
+    import signal
+
+    from imgsvc.app import open_storage
+    from imgsvc.viewlog import LogIngest
+
+    async with open_storage(settings) as (_, catalog, _store):
+        ingest = LogIngest(catalog.pool, path, source or str(path.resolve()))
+        task = asyncio.create_task(ingest.run(follow=follow, interval=interval))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):  # the offset saved is the last committed: nothing lost
+            await task
+    print(f"read {ingest.report.lines} lines of {path}, counted {ingest.report.views} views", file=sys.stderr)
     return 0
 
 
