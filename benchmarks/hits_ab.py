@@ -20,11 +20,11 @@ from peers.workloads import HIT
 ENV = {"IMGSVC_LOG_LEVEL": "warning", "IMGSVC_UNSIGNED_WIDTHS": "*", "IMGSVC_UPLOAD_RATE": "0"}
 
 
-def start(tree: Path, tmp: Path, name: str):  # type: ignore[no-untyped-def]
-    """(proc, hit URL) of `python -m imgsvc serve` importing imgsvc from `tree`."""
+def start(tree: Path, tmp: Path, name: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """(proc, hit URL) of `python -m imgsvc serve` importing imgsvc from `tree`, with `env` on top of ENV."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**ENV, "IMGSVC_PORT": str(port), "IMGSVC_DATA_DIR": str(tmp / name), "PYTHONPATH": str(tree)}
+    env = {**ENV, **(env or {}), "IMGSVC_PORT": str(port), "IMGSVC_DATA_DIR": str(tmp / name), "PYTHONPATH": str(tree)}
     proc, _ = launch([sys.executable, "-m", "imgsvc", "serve"], env, f"{url}/readyz", tmp / f"{name}.log", cwd=tree)
     image_id = upload(url, REPO / "tests" / "images" / HIT.file)
     hit = url + HIT.path(f"/img/{image_id}?w={{w}}&h={{h}}&fmt={{fmt}}&q={{q}}")
@@ -32,27 +32,26 @@ def start(tree: Path, tmp: Path, name: str):  # type: ignore[no-untyped-def]
     return proc, hit
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--before", type=Path, required=True, help="a checkout of the commit to compare with")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--hit-seconds", type=float, default=5)
-    parser.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[8, 32])
-    args = parser.parse_args()
+Servers = dict[str, tuple[Path, dict[str, str]]]  # name -> (source tree, extra IMGSVC_* variables)
+
+
+def compare(servers: Servers, rounds: int, seconds: float, connections: list[int]) -> dict[tuple[str, int], list]:
+    """Every server started at once; each round measures each at each connection count, the order rotating."""
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
+        started = {}
         try:
-            for name, tree in (("before", args.before.resolve()), ("after", REPO)):
-                servers[name] = start(tree, Path(tmp), name)
-            for proc, hit in servers.values():
+            for name, (tree, env) in servers.items():
+                started[name] = start(tree.resolve(), Path(tmp), name, env)
+            for proc, hit in started.values():
                 measure.wrk(hit, 8, 2, None, [proc.pid])  # warm-up
             runs: dict[tuple[str, int], list[measure.Run]] = {}
-            for rnd in range(args.rounds):
-                order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
-                for c in args.connections:
+            names = list(servers)
+            for rnd in range(rounds):
+                order = names[rnd % len(names) :] + names[: rnd % len(names)]
+                for c in connections:
                     for name in order:
-                        proc, hit = servers[name]
-                        run = measure.wrk(hit, c, args.hit_seconds, None, [proc.pid])
+                        proc, hit = started[name]
+                        run = measure.wrk(hit, c, seconds, None, [proc.pid])
                         runs.setdefault((name, c), []).append(run)
                         print(
                             f"round {rnd + 1} c={c} {name}: {run.rps:,.0f} req/s, {run.cpu_ms * 1000:.1f} µs/req,"
@@ -60,20 +59,41 @@ def main() -> None:
                             flush=True,
                         )
         finally:
-            for proc, _ in servers.values():
+            for proc, _ in started.values():
                 kill(proc)
-    print("| c | req/s before / after | after ÷ before req/s | CPU µs/req before / after | after ÷ before CPU/req |")
+    return runs
+
+
+def table(runs: dict[tuple[str, int], list], before: str, after: str, connections: list[int]) -> None:
+    print(f"| c | req/s {before} / {after} | {after} ÷ {before} req/s | CPU µs/req {before} / {after} "
+          f"| {after} ÷ {before} CPU/req |")  # fmt: skip
     print("|---|---|---|---|---|")
-    for c in args.connections:
-        before, after = runs["before", c], runs["after", c]
-        rps = statistics.median(a.rps / b.rps for a, b in zip(after, before, strict=True))
-        cpu = statistics.median(a.cpu_ms / b.cpu_ms for a, b in zip(after, before, strict=True))
+    for c in connections:
+        b, a = runs[before, c], runs[after, c]
+        rps = statistics.median(x.rps / y.rps for x, y in zip(a, b, strict=True))
+        cpu = statistics.median(x.cpu_ms / y.cpu_ms for x, y in zip(a, b, strict=True))
         print(
-            f"| {c} | {statistics.median(r.rps for r in before):,.0f} / {statistics.median(r.rps for r in after):,.0f}"
-            f" | ×{rps:.3f} | {statistics.median(r.cpu_ms for r in before) * 1000:.1f} /"
-            f" {statistics.median(r.cpu_ms for r in after) * 1000:.1f} | ×{cpu:.3f} |"
+            f"| {c} | {statistics.median(r.rps for r in b):,.0f} / {statistics.median(r.rps for r in a):,.0f}"
+            f" | ×{rps:.3f} | {statistics.median(r.cpu_ms for r in b) * 1000:.1f} /"
+            f" {statistics.median(r.cpu_ms for r in a) * 1000:.1f} | ×{cpu:.3f} |"
         )
-    print("ratios: medians of the per-round ratios (both servers measured in each round, order alternating)")
+    print("ratios: medians of the per-round ratios (all servers measured in each round, order rotating)")
+
+
+def arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hit-seconds", type=float, default=5)
+    parser.add_argument("--connections", type=lambda s: [int(c) for c in s.split(",")], default=[8, 32])
+    return parser.parse_args()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--before", type=Path, required=True, help="a checkout of the commit to compare with")
+    args = arguments(parser)
+    servers: Servers = {"before": (args.before, {}), "after": (REPO, {})}
+    runs = compare(servers, args.rounds, args.hit_seconds, args.connections)
+    table(runs, "before", "after", args.connections)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from imgsvc.errors import ImgsvcError
 log = logging.getLogger("imgsvc.views")
 VIEWED_STATUSES = frozenset({200, 304})  # a GET /img/ answered with the image, or "the copy you have is current"
 SECONDS_PER_DAY = 86_400
-_counted = Counter("imgsvc_views_counted_total", "Views counted by this process (before they are flushed).")
+_flushed = Counter("imgsvc_views_flushed_total", "Views this process wrote to the database.")
 _dropped = Counter("imgsvc_views_dropped_total", "Views not counted: the pending counts were at their bound.")
 _flushes = Counter("imgsvc_views_flushes_total", "View count flushes to the database, by outcome.", ["outcome"])
 
@@ -60,8 +60,6 @@ class ViewCounter:
             self._size += 1
         else:
             _dropped.inc()
-            return
-        _counted.inc()
 
     def _switch_day(self, now: float) -> None:
         day = int(now // SECONDS_PER_DAY)
@@ -178,6 +176,7 @@ class ViewFlusher:
                             exc_info=not isinstance(exc, ImgsvcError))  # fmt: skip
             return False
         _flushes.labels("ok").inc()
+        _flushed.inc(sum(row.views for row in rows))
         if self._failing:
             self._failing = False
             log.warning("view counts flushed again")

@@ -23,6 +23,7 @@ import pyvips
 
 from imgsvc.config import Settings
 from imgsvc.viewlog import counted_view
+from imgsvc.views import ViewCounter
 from tests.conftest import AUDIENCE, CLIENT_ID, CLIENT_SECRET, REPO, MainApp, ServerProcess, app_client, with_settings
 from tests.nginx_process import NginxProcess
 
@@ -105,6 +106,22 @@ async def async_wait_for(condition: Callable[[], Any], what: str, within: float 
 def test_which_log_lines_are_views(line: bytes, expected: tuple[str, str] | None) -> None:
     view = counted_view(line.replace(b"%s", LIVE_ID.encode()))
     assert (None if view is None else (view[0], view[1].date().isoformat())) == expected
+
+
+def test_pending_counts_are_bounded_and_put_back_after_a_failed_flush() -> None:
+    counter = ViewCounter(max_pending=2)
+    midnight = datetime(2026, 11, 29, tzinfo=UTC).timestamp()
+    for image_id, at in (("a", midnight - 1), ("a", midnight + 1), ("b", midnight + 2), ("c", midnight + 3)):
+        counter.count(image_id, at)  # a on two UTC days fills the bound: b and c are dropped
+    counter.count("a", midnight + 4)
+    rows = counter.take()
+    assert [(r.image_id, r.day.isoformat(), r.views) for r in rows] == [("a", "2026-11-28", 1), ("a", "2026-11-29", 2)]
+    assert len(counter) == 0 and counter.take() == []
+    counter.count("a", midnight + 5)
+    counter.restore(rows)  # the flush failed: merged with what was counted meanwhile
+    again = counter.take()
+    assert [(r.image_id, r.day.isoformat(), r.views) for r in again] == [("a", "2026-11-28", 1), ("a", "2026-11-29", 3)]
+    assert again[1].last_viewed_at == datetime.fromtimestamp(midnight + 5, UTC)
 
 
 async def views_of(client: httpx.AsyncClient, image_id: str, **params: Any) -> dict[str, Any]:
