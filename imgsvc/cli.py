@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("purge takes --pending or an image id")
             return asyncio.run(purge_command(settings, args.image_id))
         if args.command == "views":
-            return asyncio.run(ingest_views(settings, args.log, args.source, args.follow, args.interval))
+            try:
+                return asyncio.run(ingest_views(settings, args.log, args.source, args.follow, args.interval))
+            except OSError as exc:  # --once: the log cannot be read (--follow waits for it)
+                print(f"imgsvc: {args.log}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))

@@ -394,7 +394,11 @@ def test_a_killed_follower_restarts_from_its_committed_offset(behind_nginx: Scen
     assert "counted" in out.decode()
 
 
-def test_the_ingest_refuses_without_a_mode(server_env: dict[str, str], tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "imgsvc", "views", "ingest", str(tmp_path / "none.log")],
-                          env={**os.environ, **server_env}, cwd=REPO, capture_output=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 2 and b"--once" in proc.stderr
+@pytest.mark.parametrize(("flags", "code", "says"), [((), 2, b"--once"), (("--once",), 1, b"No such file")])
+def test_the_ingest_refuses_without_a_mode_or_a_log(
+    server_env: dict[str, str], tmp_path: Path, flags: tuple[str, ...], code: int, says: bytes
+) -> None:
+    proc = subprocess.run([sys.executable, "-m", "imgsvc", "views", "ingest", str(tmp_path / "none.log"), *flags],
+                          env={**os.environ, **server_env}, cwd=REPO, capture_output=True, timeout=120)  # fmt: skip
+    assert proc.returncode == code and says in proc.stderr, proc.stderr
+    assert b"Traceback" not in proc.stderr
