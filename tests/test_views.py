@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -176,16 +176,25 @@ async def test_imgsvc_counts_hits_misses_and_304s_and_flushes_each_once(settings
         assert len((await views_of(client, a, days=365))["days"]) == 365
 
 
-async def test_counts_wait_out_a_database_outage(settings: Settings, database_url: str, postgres: str) -> None:
+async def allow_connections(postgres: str, database_url: str, allowed: bool) -> None:
+    """A database outage for imgsvc alone: its database refuses new connections and its open ones are cut."""
     name = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {str(allowed).lower()}")
+        if not allowed:
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    finally:
+        await admin.close()
+
+
+async def test_counts_wait_out_a_database_outage(settings: Settings, database_url: str, postgres: str) -> None:
     async with app_client(with_settings(settings, views_flush_interval=0.1, record_ttl=600)) as client:
         image = (await client.post("/images", content=small_jpeg(3), headers={"Content-Type": "image/jpeg"})).json()
         assert (await client.get(f"/img/{image['id']}?w=64")).status_code == 200
         await wait_for_total(client, image["id"], 1)
-        admin = await asyncpg.connect(postgres)
+        await allow_connections(postgres, database_url, False)
         try:
-            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
 
             async def down() -> bool:
                 return (await client.get(f"/images/{image['id']}/views")).status_code == 503
@@ -194,10 +203,8 @@ async def test_counts_wait_out_a_database_outage(settings: Settings, database_ur
             statuses = [(await client.get(f"/img/{image['id']}?w=64")).status_code for _ in range(20)]
             assert statuses == [200] * 20  # remembered hits need no database
             await asyncio.sleep(0.5)  # several flushes fail meanwhile
-            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         finally:
-            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
-            await admin.close()
+            await allow_connections(postgres, database_url, True)
         views = await wait_for_total(client, image["id"], 21)
         await asyncio.sleep(0.3)
         assert (await views_of(client, image["id"]))["total"] == views["total"] == 21
@@ -405,3 +412,48 @@ def test_the_ingest_refuses_without_a_mode_or_a_log(
                           env={**os.environ, **server_env}, cwd=REPO, capture_output=True, timeout=120)  # fmt: skip
     assert proc.returncode == code and says in proc.stderr, proc.stderr
     assert b"Traceback" not in proc.stderr
+
+
+def minimal_lines(image_id: str, at: datetime, count: int, cache: str = "HIT") -> str:
+    """A CDN log export mapped to the minimal line format."""
+    line = f'{{"ts": "{at.isoformat()}", "uri": "/img/{image_id}?w=256", "status": 200, "cache": "{cache}"}}\n'
+    return line * count
+
+
+def test_a_cdn_log_in_the_minimal_format_is_followed_through_a_database_outage(
+    server: ServerProcess, database_url: str, postgres: str, tmp_path: Path
+) -> None:
+    image_id = httpx.post(f"{server.url}/images", content=small_jpeg(7), headers={"Content-Type": "image/jpeg"}).json()[
+        "id"
+    ]
+    now = datetime.now(UTC)
+    yesterday = now - timedelta(days=1)
+    log = tmp_path / "cdn.log"
+    log.write_text(minimal_lines(image_id, yesterday, 5) + minimal_lines(image_id, now, 3)
+                   + minimal_lines(image_id, now, 2, cache="MISS"))  # fmt: skip  # misses: counted by the origin
+
+    def views() -> dict[str, Any]:
+        return dict(httpx.get(f"{server.url}/images/{image_id}/views", params={"days": 2}).json())
+
+    follower = ingest(server, log, "--follow", "--interval", "0.1")
+    try:
+        wait_for(lambda: views().get("total") == 8, "the first 8 views")
+        assert views()["days"] == [{"date": yesterday.date().isoformat(), "views": 5},
+                                   {"date": now.date().isoformat(), "views": 3}]  # fmt: skip
+        asyncio.run(allow_connections(postgres, database_url, False))
+        try:
+            wait_for(lambda: httpx.get(f"{server.url}/images/{image_id}/views").status_code == 503, "the outage")
+            with log.open("a") as out:
+                out.write(minimal_lines(image_id, now, 4))
+            time.sleep(1.5)  # the follower reads them and fails to commit, more than once
+            assert follower.poll() is None
+        finally:
+            asyncio.run(allow_connections(postgres, database_url, True))
+        wait_for(lambda: views().get("total") == 12, "the views read during the outage")
+        time.sleep(0.5)
+        assert views()["total"] == 12
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        out, _ = follower.communicate(timeout=30)
+    assert follower.returncode == 0, out.decode()
+    assert b"Traceback" not in out and b"paused" in out
