@@ -1,4 +1,4 @@
-"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics and the access log.
+"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics, view counts, the access log.
 
 It is the outermost layer, so it also answers a remembered render request (see `hits.HitIndex`) before routing.
 """
@@ -42,7 +42,8 @@ def context_headers(rid: str) -> list[tuple[bytes, bytes]]:
 
 class RequestContext:
     """Gives each request its id (the client's `X-Request-ID` if sane), adds the context headers to its
-    response, counts it in the metrics and writes the access log line; a remembered hit is answered here."""
+    response, counts it in the metrics (and, answered 200/304 to a GET /img/, as a view of its image) and writes
+    the access log line; a remembered hit is answered here."""
 
     def __init__(self, app: ASGIApp, hits: HitIndex, access_log: bool = True, views: ViewCounter | None = None) -> None:
         self.app = app

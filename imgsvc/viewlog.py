@@ -4,6 +4,7 @@ JSON access log, read from a saved offset that commits with the counts, so no li
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import logging
 import os
@@ -191,7 +192,7 @@ class LogIngest:
                 log.warning("%s was truncated: reading it again from its start", self.path)
                 return stream, await self._move(saved, stream)
             stream.close()
-            for sibling in sorted(self.path.parent.glob(f"{self.path.name}*")):
+            for sibling in sorted(self.path.parent.glob(f"{glob.escape(self.path.name)}*")):
                 if sibling != self.path and saved.same_file(sibling.stat()):
                     log.info("%s was rotated: finishing %s from offset %d first", self.path, sibling, saved.offset)
                     return sibling.open("rb"), saved

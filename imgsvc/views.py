@@ -196,7 +196,7 @@ async def flushing(counter: ViewCounter, pool: asyncpg.Pool, interval: float) ->
                 await asyncio.wait_for(stop.wait(), interval)
             await flusher.flush()
         if len(counter):
-            log.warning("%d view counts lost at shutdown: the database did not take them", len(counter))
+            log.warning("view counts of %d (image, day) pairs lost at shutdown: no database", len(counter))
 
     task = asyncio.create_task(loop(), name="imgsvc-views")
     try:
