@@ -24,9 +24,9 @@ def count_cost() -> float:
     return min(timeit.repeat(lambda: count(IMAGE_ID), number=100_000, repeat=20)) / 100_000 * 1e9
 
 
-def remembered_hit_cost(counting: bool) -> float:
-    """Microseconds of `RequestContext` answering one remembered hit, in-process without a server or access log
-    (min of 20 batches of 5,000 calls): the whole path a view count is added to."""
+def remembered_hit_costs(batches: int = 200, calls: int = 1_000) -> tuple[float, float]:
+    """Microseconds of `RequestContext` answering one remembered hit without / with counting, in-process without a
+    server or access log: the minimum over `batches` interleaved batches of `calls` each (the load moves both)."""
     from imgsvc.cache import ByteLRU
     from imgsvc.hits import HitIndex, request_key
     from imgsvc.middleware import RequestContext
@@ -39,23 +39,29 @@ def remembered_hit_cost(counting: bool) -> float:
     variants.put("variant", b"x" * 3000)
     hits = HitIndex(records, variants)
     headers = [(b"content-type", b"image/webp"), (b"etag", b'"e"')]
-    hits.store(
-        request_key(f"/img/{IMAGE_ID}", b"w=256", None), IMAGE_ID, "variant", records.stamp(), '"e"', headers, []
-    )
-    views = ViewCounter(100_000) if counting else None
-    middleware = RequestContext(None, hits, access_log=False, views=views)  # type: ignore[arg-type]
+    key = request_key(f"/img/{IMAGE_ID}", b"w=256", None)
+    hits.store(key, IMAGE_ID, "variant", records.stamp(), '"e"', headers, [])
     scope = {"type": "http", "method": "GET", "path": f"/img/{IMAGE_ID}", "query_string": b"w=256", "headers": []}
 
     async def send(message: object) -> None:
         return None
 
-    async def batch() -> float:
+    async def batch(middleware: RequestContext) -> float:
         began = time.perf_counter()
-        for _ in range(5_000):
+        for _ in range(calls):
             await middleware(dict(scope), None, send)  # type: ignore[arg-type]
         return time.perf_counter() - began
 
-    return min(asyncio.run(batch()) for _ in range(20)) / 5_000 * 1e6
+    async def run() -> tuple[float, float]:
+        off = RequestContext(None, hits, access_log=False, views=None)  # type: ignore[arg-type]
+        on = RequestContext(None, hits, access_log=False, views=ViewCounter(100_000))  # type: ignore[arg-type]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(batches):
+            times[False].append(await batch(off))
+            times[True].append(await batch(on))
+        return min(times[False]) / calls * 1e6, min(times[True]) / calls * 1e6
+
+    return asyncio.run(run())
 
 
 def main() -> None:
@@ -64,8 +70,8 @@ def main() -> None:
     args = arguments(parser)
     sys.path.insert(0, str(REPO))
     print(f"ViewCounter.count: {count_cost():.0f} ns per call", flush=True)
-    for _ in range(3):  # alternating, as the machine's load changes
-        off, on = remembered_hit_cost(False), remembered_hit_cost(True)
+    for _ in range(3):
+        off, on = remembered_hit_costs()
         print(f"RequestContext, remembered hit: {off:.2f} µs without counting, {on:.2f} µs with", flush=True)
     quiet = {"IMGSVC_ACCESS_LOG": "false"}  # as behind nginx: the hit path at its fastest, so the count weighs most
     servers: Servers = {"off": (REPO, {**quiet, "IMGSVC_VIEWS": "false"}), "on": (REPO, quiet)}
