@@ -43,6 +43,7 @@ from imgsvc.storage import BlobStore, open_store
 from imgsvc.storage.s3 import S3Config
 from imgsvc.upload import Ingest
 from imgsvc.verifiers import IntrospectionConfig, IntrospectionVerifier, JwksConfig, JwksVerifier
+from imgsvc.views import ViewCounter, flushing
 from imgsvc.workers import WorkerPool
 
 log = logging.getLogger("imgsvc")
@@ -142,7 +143,9 @@ async def open_storage(settings: Settings) -> AsyncIterator[tuple[str, Catalog, 
 
 
 @contextlib.asynccontextmanager
-async def build_services(settings: Settings, hits: HitIndex, draining: threading.Event) -> AsyncIterator[Services]:
+async def build_services(
+    settings: Settings, hits: HitIndex, draining: threading.Event, views: ViewCounter | None = None
+) -> AsyncIterator[Services]:
     """Start every dependency in order and stop them in reverse, whatever happens in between."""
     version = pipeline.configure_libvips()
     log.info("libvips %s, pipeline %s", version, pipeline.PIPELINE_VERSION)
@@ -179,6 +182,8 @@ async def build_services(settings: Settings, hits: HitIndex, draining: threading
         deriver = await stack.enter_async_context(
             Deriver(catalog.pool, store, derive_settings(settings), pool).running()
         )
+        if views is not None:  # the last flush runs at shutdown, before the pool closes
+            await stack.enter_async_context(flushing(views, catalog.pool, settings.views_flush_interval))
         yield Services(
             settings=settings,
             catalog=catalog,
@@ -217,11 +222,12 @@ def create_app(settings: Settings | None = None, *, draining: threading.Event | 
     # Built here, before the lifespan, as the outermost middleware answers from the hit index.
     variants: ByteLRU[str, bytes] = ByteLRU(settings.cache_bytes, len)
     hits = HitIndex(RecordCache(settings.record_ttl), variants)
+    views = ViewCounter(settings.views_max_pending) if settings.views else None  # counted by RequestContext
     draining = draining or threading.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
-        async with build_services(settings, hits, draining) as svc:
+        async with build_services(settings, hits, draining, views) as svc:
             log.info("imgsvc ready on %s", settings.effective_public_url)
             yield {"services": svc}
             draining.set()
@@ -232,6 +238,7 @@ def create_app(settings: Settings | None = None, *, draining: threading.Event | 
         Route("/images/{id}", endpoints.get_image, methods=["GET"]),
         Route("/images/{id}", endpoints.delete_image, methods=["DELETE"]),
         Route("/images/{id}/original", endpoints.get_original, methods=["GET"]),
+        Route("/images/{id}/views", endpoints.get_views, methods=["GET"]),
         Route(RENDER_ROUTE, endpoints.render_image, methods=["GET", "HEAD"]),
         Route("/livez", endpoints.livez, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
@@ -242,7 +249,7 @@ def create_app(settings: Settings | None = None, *, draining: threading.Event | 
     # Starlette's stack: its 500 handler, then RequestContext, the outermost of ours: a remembered hit is
     # answered there before exception handling, routing, authentication or parsing; then CORS of the API
     # (preflights answered, error answers included); then the error handlers.
-    middleware = [Middleware(RequestContext, hits=hits, access_log=settings.access_log)]
+    middleware = [Middleware(RequestContext, hits=hits, access_log=settings.access_log, views=views)]
     if settings.cors_origins:
         middleware.append(Middleware(Cors, origins=settings.cors_origins, on_refused=handle_error))
     app = Starlette(

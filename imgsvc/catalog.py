@@ -337,6 +337,7 @@ class Catalog:
             # Delivered to every replica's listener when this transaction commits.
             await conn.execute("SELECT pg_notify($1, $2)", DELETES_CHANNEL, deleted.notice.payload())
             await enqueue(conn, image_id, "delete")  # the CDN purge job commits with the delete, or neither does
+            await conn.execute("DELETE FROM image_views WHERE image_id = $1", image_id)  # see views.add_views
         return deleted
 
 

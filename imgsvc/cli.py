@@ -1,4 +1,4 @@
-"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, derive, healthcheck."""
+"""The `imgsvc` command: serve, migrate, config --check, sign, gc, import, purge, derive, views, healthcheck."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     derive = commands.add_parser("derive", help="derive queued pyramid levels and placeholders now, in this process")
     derive.add_argument("--backfill", action="store_true", help="first queue every live image not derived yet")
     derive.add_argument("--retry-failed", action="store_true", help="queue the derivations that failed again")
+    views = commands.add_parser("views", help="view counts kept outside imgsvc")
+    ingest = views.add_subparsers(dest="views_command", required=True).add_parser(
+        "ingest", help="count the views a cache in front answered itself (nginx's hits), from its JSON access log"
+    )
+    ingest.add_argument("log", type=Path, help="the access log (nginx's imgsvc_json format, or the minimal one)")
+    mode = ingest.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--once", action="store_true", help="read to the end of the log, commit, exit")
+    mode.add_argument("--follow", action="store_true", help="keep reading as the log grows (until SIGTERM)")
+    ingest.add_argument("--source", help="name of the saved offset (default: the log's absolute path)")
+    ingest.add_argument("--interval", type=float, default=1.0, help="seconds between reads with --follow")
     health = commands.add_parser("healthcheck", help="exit 0 if the local service's /readyz answers 200 (containers)")
     health.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
@@ -81,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(purge_command(settings, args.image_id))
         if args.command == "derive":
             return asyncio.run(derive_command(settings, args.backfill, args.retry_failed))
+        if args.command == "views":
+            try:
+                return asyncio.run(ingest_views(settings, args.log, args.source, args.follow, args.interval))
+            except OSError as exc:  # --once: the log cannot be read (--follow waits for it)
+                print(f"imgsvc: {args.log}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
         if args.command == "gc":
             grace = args.grace_days if args.grace_days is not None else settings.gc_grace_days
             return asyncio.run(collect(settings, grace, args.dry_run))
@@ -254,6 +270,22 @@ def serve_processes(settings: Settings) -> int:
         if embedded is not None:
             embedded.stop()
             logs.flush()
+
+
+async def ingest_views(settings: Settings, path: Path, source: str | None, follow: bool, interval: float) -> int:
+    import signal
+
+    from imgsvc.app import open_storage
+    from imgsvc.viewlog import LogIngest
+
+    async with open_storage(settings) as (_, catalog, _store):
+        ingest = LogIngest(catalog.pool, path, source or str(path.resolve()))
+        task = asyncio.create_task(ingest.run(follow=follow, interval=interval))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):  # the offset saved is the last committed: nothing lost
+            await task
+    print(f"read {ingest.report.lines} lines of {path}, counted {ingest.report.views} views", file=sys.stderr)
+    return 0
 
 
 def serve(settings: Settings, reuse_port: bool = False) -> int:

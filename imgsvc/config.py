@@ -498,6 +498,26 @@ class Settings:
         parse=parse_int(1, 64),
         group="ops",
     )
+    views: bool = _setting(
+        True,
+        "Count views per image (GET /img/ answered 200 or 304) and flush them to the database in batches; "
+        "GET /images/{id}/views reads them.",
+        parse=parse_bool,
+        group="ops",
+    )
+    views_flush_interval: float = _setting(
+        5.0,
+        "Seconds between flushes of the view counts kept in memory (also flushed at a clean shutdown).",
+        parse=parse_float(0.05, 5),
+        group="ops",
+    )
+    views_max_pending: int = _setting(
+        100_000,
+        "Most (image, day) view counts kept in memory between flushes, e.g. through a database outage; views of "
+        "further images are dropped (imgsvc_views_dropped_total) until a flush succeeds.",
+        parse=parse_int(1, 100_000_000),
+        group="ops",
+    )
 
     @property
     def effective_storage_url(self) -> str:

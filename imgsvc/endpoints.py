@@ -6,6 +6,7 @@ import json
 import re
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -26,9 +27,11 @@ from imgsvc.ratelimit import client_key
 from imgsvc.services import Services
 from imgsvc.spec import parse_query
 from imgsvc.upload import RetryKey, read_body, upload_options
+from imgsvc.views import read_views
 
 API_CACHE_CONTROL = "private, no-cache"
 MAX_LIST_LIMIT = 100
+MAX_VIEW_DAYS = 365
 
 
 def services(request: Request) -> Services:
@@ -177,6 +180,17 @@ async def get_original(request: Request) -> Response:
             "Content-Security-Policy": CONTENT_SECURITY_POLICY,
         },
     )
+
+
+async def get_views(request: Request) -> Response:
+    """Views counted so far: all-time total, the last one, and one entry per UTC day of the window (today last)."""
+    principal = await _principal(request)
+    days = _single_params(request, {"days"}).get("days", "30")
+    if not re.fullmatch(r"[1-9][0-9]{0,2}", days) or int(days) > MAX_VIEW_DAYS:
+        raise InvalidParameter(f"days must be an integer from 1 to {MAX_VIEW_DAYS}", param="days")
+    image = await _owned_image(request, principal, "images:read")
+    report = await read_views(services(request).catalog.pool, image.id, int(days), datetime.now(UTC).date())
+    return _json(report.json())
 
 
 async def delete_image(request: Request) -> Response:

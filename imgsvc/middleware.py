@@ -1,4 +1,4 @@
-"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics and the access log.
+"""Pure ASGI middleware around every request: the request id, `nosniff`, metrics, view counts, the access log.
 
 It is the outermost layer, so it also answers a remembered render request (see `hits.HitIndex`) before routing.
 """
@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsvc import logs, metrics
 from imgsvc.headers import NOSNIFF
 from imgsvc.hits import HitIndex, request_key
+from imgsvc.views import VIEWED_STATUSES, ViewCounter
 
 RENDER_ROUTE = "/img/{id}"
 RENDER_PREFIX = RENDER_ROUTE.split("{", 1)[0]
@@ -41,12 +42,14 @@ def context_headers(rid: str) -> list[tuple[bytes, bytes]]:
 
 class RequestContext:
     """Gives each request its id (the client's `X-Request-ID` if sane), adds the context headers to its
-    response, counts it in the metrics and writes the access log line; a remembered hit is answered here."""
+    response, counts it in the metrics (and, answered 200/304 to a GET /img/, as a view of its image) and writes
+    the access log line; a remembered hit is answered here."""
 
-    def __init__(self, app: ASGIApp, hits: HitIndex, access_log: bool = True) -> None:
+    def __init__(self, app: ASGIApp, hits: HitIndex, access_log: bool = True, views: ViewCounter | None = None) -> None:
         self.app = app
         self.hits = hits
         self.access_log = access_log
+        self.views = views
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -122,6 +125,8 @@ class RequestContext:
     def _finish(self, scope: Scope, route: str, status: int, started: float, received: int, sent: int,
                 rid: str, cache: str) -> None:  # fmt: skip
         elapsed = time.perf_counter() - started
+        if status in VIEWED_STATUSES and route == RENDER_ROUTE and scope["method"] == "GET" and self.views is not None:
+            self.views.count(scope["path"][len(RENDER_PREFIX) :])  # a view: remembered or full path, 200 or 304
         labels = (route, scope["method"], status)
         children = self._children.get(labels)
         if children is None:  # bounded: routes x methods x statuses

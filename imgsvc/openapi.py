@@ -126,6 +126,17 @@ def document(settings: Settings) -> dict[str, Any]:
                         "responses": _responses(401, 403, 404, 500, 503,
                                                 ok={"200": {"description": "the original"}})},
             },
+            "/images/{id}/views": {
+                "get": {"summary": "view counts (owner or admin)", "security": bearer,
+                        "description": "Views are GET /img/ answers of 200 or 304, by imgsvc or by a cache in front "
+                                       "(fed by `imgsvc views ingest`), flushed every few seconds. `total` counts "
+                                       "every view ever; `days` has one entry per UTC day, oldest first, today last.",
+                        "parameters": [image_id, _query("days", {"type": "integer", "minimum": 1, "maximum": 365},
+                                                        "the window, in UTC days (default 30)")],
+                        "responses": _responses(400, 401, 403, 404, 503, ok={"200": {
+                            "description": "the counts", "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/Views"}}}}})},
+            },
             "/livez": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "readiness", "responses": {"200": {"description": "ready"},
                                                                       "503": {"description": "not ready"}}}},
@@ -139,6 +150,11 @@ def document(settings: Settings) -> dict[str, Any]:
                     "type": {"type": "string", "enum": sorted({t for ts in _problems().values() for t in ts})},
                     "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
                     "param": {"type": "string"}}},
+                "Views": {"type": "object", "required": ["total", "last_viewed_at", "days"], "properties": {
+                    "total": {"type": "integer", "minimum": 0},
+                    "last_viewed_at": {"type": ["string", "null"], "format": "date-time"},
+                    "days": {"type": "array", "items": {"type": "object", "required": ["date", "views"], "properties": {
+                        "date": {"type": "string", "format": "date"}, "views": {"type": "integer", "minimum": 0}}}}}},
                 "Image": {"type": "object", "properties": {
                     name: {"type": kind} for name, kind in (
                         ("id", "string"), ("format", "string"), ("width", "integer"), ("height", "integer"),

@@ -76,6 +76,7 @@ WITH_PARAMETERS = [
     ("GET", "/images/{id}"),
     ("DELETE", "/images/{id}"),
     ("GET", "/images/{id}/original"),
+    ("GET", "/images/{id}/views"),
 ]
 WITHOUT_PARAMETERS = [("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/openapi.json")]
 WITH_STORED_IMAGE = [
@@ -83,6 +84,7 @@ WITH_STORED_IMAGE = [
     ("HEAD", "/img/{id}"),
     ("GET", "/images/{id}"),
     ("GET", "/images/{id}/original"),
+    ("GET", "/images/{id}/views"),
 ]
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE  # valid inputs; inputs breaking the schema
 FUZZ_RUNS = [
