@@ -37,7 +37,7 @@ DEFAULT_PRESETS: Presets = MappingProxyType(
         "medium": (("w", "256"),),
         "large": (("w", "512"),),
         "full": (("w", "1024"),),
-        "placeholder": (("w", "32"), ("fmt", "webp"), ("q", "50")),  # a few hundred bytes: small enough to inline
+        "placeholder": (("w", "32"), ("fmt", "webp")),  # a few hundred bytes: small enough to inline
     }
 )
 

@@ -421,7 +421,7 @@ async def test_the_image_json_urls_render_unsigned(settings: Settings, size: tup
         created = (await client.post("/images", content=image, headers={"Content-Type": "image/jpeg"})).json()
         presets = [url for name, url in created["urls"].items() if name not in ("self", "original")]
         candidates = [candidate.rsplit(" ", 1) for candidate in created["srcset"].split(", ")]
-        assert len(presets) == 6 and candidates
+        assert len(presets) == 7 and candidates  # the six presets and the bare URL
         for url in [*presets, *(url for url, _ in candidates)]:
             answer = await client.get(url)
             assert answer.status_code == 200, (url, answer.text)

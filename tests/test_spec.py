@@ -281,7 +281,7 @@ def test_render_key_excludes_version() -> None:
 def test_default_presets_are_valid_config() -> None:
     text = format_presets(DEFAULT_PRESETS)
     assert text == (
-        "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024;placeholder:w=32&fmt=webp&q=50"
+        "thumbnail:w=64&h=64&fit=cover;small:w=128;medium:w=256;large:w=512;full:w=1024;placeholder:w=32&fmt=webp"
     )
     assert parse_presets(text) == dict(DEFAULT_PRESETS)
     assert list(parse_presets(text)) == list(DEFAULT_PRESETS)  # the order ?p= names are listed in
