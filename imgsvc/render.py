@@ -1,7 +1,7 @@
 """The render flow in one place: grant -> lookup -> negotiate -> cache -> produce (single-flight, pool, pipeline).
 
 Everything that decides the response is known before any pixel work: a matching `If-None-Match` needs no
-storage or libvips.
+storage or libvips. With a `Settler`, a miss is first answered with a fast encode, settled later (see `provisional`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 
 import pyvips
 
-from imgsvc import metrics, pipeline
+from imgsvc import encoding, metrics, pipeline
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
@@ -22,6 +22,7 @@ from imgsvc.errors import BlobNotFound, Forbidden, OriginalUnavailable, RenderTi
 from imgsvc.headers import etag_matches, render_etag
 from imgsvc.hits import HitIndex
 from imgsvc.records import RecordCache, RecordStamp
+from imgsvc.settle import Settler
 from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, TransformSpec, accept_token, choose_output_format, varies_on_accept
 from imgsvc.storage import BlobStore, BlobTooLarge, blob_key
@@ -45,6 +46,7 @@ class RenderResult:
     stamp: RecordStamp  # when the record was read: what it rendered is trusted no longer
     outcome: Outcome = "not-modified"
     data: bytes = b""
+    settled: bool = True  # False: a fast first encode, cached briefly (headers.PROVISIONAL_MAX_AGE)
 
     @property
     def not_modified(self) -> bool:
@@ -60,8 +62,9 @@ class RenderResult:
 
     @property
     def rememberable(self) -> bool:
-        """Whether every anonymous request for the same URL gets these very bytes and headers."""
-        return self.public and self.expires is None and not self.not_modified
+        """Whether every anonymous request for the same URL gets these very bytes and headers (a fast version is
+        not remembered: each request for it goes through `Renderer.render`, which offers it to settle again)."""
+        return self.public and self.expires is None and not self.not_modified and self.settled
 
     @property
     def filename(self) -> str:
@@ -85,6 +88,7 @@ class Renderer:
         hits: HitIndex,
         original_cache_bytes: int,
         decoded_cache_bytes: int = 0,
+        settler: Settler | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -98,7 +102,10 @@ class Renderer:
         self.decoded: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(
             decoded_cache_bytes, pipeline.decoded_bytes
         )
-        self._renders: SingleFlight[str, bytes] = SingleFlight()
+        self.settler = settler
+        # Variants settled here, so that a miss for one (its bytes evicted) renders it settled at once.
+        self.settled: ByteLRU[str, bool] = ByteLRU(50_000 if settler else 0, lambda _: 1)
+        self._renders: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
 
     def forget(self, notice: DeleteNotice) -> None:
@@ -110,6 +117,7 @@ class Renderer:
             self.variants.evict_group(sha256)
             self.originals.evict_group(sha256)
             self.decoded.evict_group(sha256)
+            self.settled.evict_group(sha256)
 
     def trust_records(self, trusted: bool) -> None:
         """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
@@ -135,23 +143,70 @@ class Renderer:
         if etag_matches(if_none_match, result.etag):
             return result
         data = self.variants.get(result.variant_key)
+        fast = self._provisional(image, query.spec, result) if data is None else None
+        if fast is not None:  # the fast version is current: it answers until the settled one exists
+            if etag_matches(if_none_match, fast.etag):
+                self._offer(image, query.spec, result, None)
+                return fast
+            data = self.variants.get(fast.variant_key)
+            if data is not None:
+                self._offer(image, query.spec, result, None)
+                metrics.cache_total.labels("variant", "hit").inc()
+                return replace(fast, outcome="hit", data=data)
         metrics.cache_total.labels("variant", "miss" if data is None else "hit").inc()
         if data is not None:
             return replace(result, outcome="hit", data=data)
         if charge is not None:  # per request, outside the single flight: a 429 never reaches others waiting on it
             charge()
-        data = await self._renders.run(result.variant_key, lambda: self._produce(image, query.spec, result))
-        return replace(result, outcome="miss", data=data)
+        target = fast or result
+        data, final = await self._renders.run(target.variant_key, lambda: self._produce(image, query.spec, target))
+        return replace(result if final else target, outcome="miss", data=data)
 
-    async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> bytes:
-        fmt = result.format
+    def _provisional(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> RenderResult | None:
+        """The fast version of `result` while it is not settled here, or None (settling off, or final at once).
+
+        Its own ETag and LRU key: a client or cache holding it revalidates and gets the settled bytes."""
+        if self.settler is None or not encoding.may_settle(result.format, image.frames):
+            return None
+        if self.settled.get(result.variant_key):
+            return None
+        etag = render_etag(image.sha256, spec.render_key(), result.format, pipeline.PIPELINE_VERSION + "|fast")
+        return replace(result, etag=etag, variant_key=result.variant_key + "|fast", settled=False)
+
+    def _offer(
+        self, image: ImageRecord, spec: TransformSpec, result: RenderResult, pixels: encoding.Pixels | None
+    ) -> None:
+        """Queue the settled encode of `result` (from `pixels`, else rendered again); dropped when busy."""
+        settler, key, fmt = self.settler, result.variant_key, result.format
+        assert settler is not None
+
+        async def settle() -> None:
+            if pixels is not None:
+                data = await settler.run(pixels.encode, "settled")
+            else:
+                original = await self.fetch_original(image)
+                decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
+                rendered = await settler.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+                data = rendered.data
+            if image.id not in self.records.deleted:
+                self.variants.put(key, data, group=image.sha256)
+                self.settled.put(key, True, group=image.sha256)
+                self.variants.pop(key + "|fast")
+                metrics.settles_total.labels("settled").inc()
+
+        settler.offer(key, settle, pixels.nbytes if pixels is not None else 0)
+
+    async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> tuple[bytes, bool]:
+        """Render `result` (fast when it is not settled): its bytes and whether they are final."""
+        fmt, fast = result.format, not result.settled
         with self.pool.admit():  # refuse before reading the original, not after
             fetch_started = time.perf_counter()
             original = await self.fetch_original(image)
             metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
             decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
             try:
-                rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+                effort = "fast" if fast else "settled"
+                rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded, effort, fast)
             except RenderTimeout:
                 metrics.render_rejections.labels("deadline").inc()
                 raise
@@ -161,8 +216,16 @@ class Renderer:
         metrics.render_seconds.labels("pixels", fmt).observe(rendered.pixel_seconds)
         metrics.render_seconds.labels("encode", fmt).observe(rendered.encode_seconds)
         if image.id not in self.records.deleted:  # a live image of these bytes: cached for all of them
-            self.variants.put(result.variant_key, rendered.data, group=image.sha256)
-        return rendered.data
+            key = result.variant_key.removesuffix("|fast")
+            if rendered.final:
+                self.variants.put(key, rendered.data, group=image.sha256)
+                if self.settler is not None:
+                    self.settled.put(key, True, group=image.sha256)
+            else:
+                self.variants.put(result.variant_key, rendered.data, group=image.sha256)
+                metrics.settles_total.labels("fast").inc()
+                self._offer(image, spec, replace(result, variant_key=key), rendered.pixels)
+        return rendered.data, rendered.final
 
     async def fetch_original(self, image: ImageRecord) -> bytes:
         data = self.originals.get(image.sha256)

@@ -1,0 +1,176 @@
+"""Fast first, best later (IMGSVC_ENCODE_SETTLE): a WebP/AVIF miss is answered with a fast encode cached briefly,
+settled in the background, and the settled bytes are served from then on; ETags, 304s and nginx agree."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import pyvips
+
+from benchmarks.encoders import ssim
+from imgsvc.headers import render_etag
+from imgsvc.pipeline import PIPELINE_VERSION, PipelineLimits, render
+from imgsvc.spec import TransformSpec
+from tests.conftest import PHOTO, ServerProcess
+from tests.nginx_process import NginxProcess
+
+SHORT = "public, max-age=60"
+IMMUTABLE = "public, max-age=31536000, immutable"
+WIDTH = 1200  # above encoding.SMALL_PIXELS: settled later
+
+
+def started(env: dict[str, str], tmp_path, name: str, **extra: str) -> ServerProcess:  # type: ignore[no-untyped-def]
+    return ServerProcess({**env, **extra}, tmp_path / f"{name}.log").start()
+
+
+@pytest.fixture
+def settling(server_env: dict[str, str], tmp_path) -> Iterator[ServerProcess]:  # type: ignore[no-untyped-def]
+    proc = started(server_env, tmp_path, "settling", IMGSVC_ENCODE_SETTLE="true")
+    yield proc
+    proc.stop()
+
+
+def upload(http: httpx.Client) -> str:
+    response = http.post("/images", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def until(
+    get: Callable[[], httpx.Response], done: Callable[[httpx.Response], bool], timeout: float = 90
+) -> httpx.Response:
+    """Poll (bounded) until `done` holds for an answer; the last answer either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = get()
+        if done(response) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)
+
+
+def encoded(fmt: str, effort: str) -> bytes:
+    spec = TransformSpec(width=WIDTH, format=fmt)  # type: ignore[arg-type]
+    return render(PHOTO.read_bytes(), spec, fmt, PipelineLimits(), None, effort).data  # type: ignore[arg-type]
+
+
+def decoded(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_a_miss_is_fast_and_short_lived_then_settled_and_immutable(settling: ServerProcess, fmt: str) -> None:
+    with httpx.Client(base_url=settling.url, timeout=60) as http:
+        url = f"/img/{upload(http)}?w={WIDTH}&fmt={fmt}"
+        first = http.get(url)
+        assert first.status_code == 200
+        assert first.headers["cache-control"] == SHORT
+        assert first.content == encoded(fmt, "fast")
+        fast_etag = first.headers["etag"]
+
+        settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
+        assert settled.headers["cache-control"] == IMMUTABLE
+        assert settled.headers["etag"] != fast_etag
+        assert settled.content == encoded(fmt, "settled")
+        assert len(settled.content) < len(first.content)
+        assert decoded(settled.content).width == WIDTH
+        # As close to the unencoded pixels as the fast version (AVIF q50: both ~0.92), never another picture.
+        truth = pyvips.Image.thumbnail(str(PHOTO), WIDTH).copy_memory()
+        assert ssim(settled.content, truth) >= max(0.9, ssim(first.content, truth) - 0.005)
+
+        # A cache holding the fast version revalidates and gets the settled one; the settled one is current.
+        again = http.get(url, headers={"If-None-Match": fast_etag})
+        assert (again.status_code, again.headers["etag"], again.content) == (
+            200,
+            settled.headers["etag"],
+            settled.content,
+        )
+        assert again.headers["cache-control"] == IMMUTABLE
+        current = http.get(url, headers={"If-None-Match": settled.headers["etag"]})
+        assert (current.status_code, current.headers["etag"]) == (304, settled.headers["etag"])
+        assert http.get(url).headers["x-cache"] == "hit"
+
+
+def test_the_fast_version_is_current_until_settled_and_a_dropped_settle_is_offered_again(
+    server_env: dict[str, str], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # No room for pixels: the miss's settle is dropped, so the fast version stays current.
+    proc = started(server_env, tmp_path, "dropping", IMGSVC_ENCODE_SETTLE="true", IMGSVC_ENCODE_SETTLE_BYTES="0")
+    try:
+        with httpx.Client(base_url=proc.url, timeout=60) as http:
+            url = f"/img/{upload(http)}?w={WIDTH}&fmt=webp"
+            first = http.get(url)
+            fast_etag = first.headers["etag"]
+            assert first.headers["cache-control"] == SHORT
+            metrics = http.get("/metrics").text
+            assert 'imgsvc_encode_settles_total{outcome="dropped"} 1.0' in metrics
+
+            # The next request (here a revalidation) is the fast version's 304, and offers the settle again:
+            # without kept pixels, it renders the variant anew in the background.
+            revalidated = http.get(url, headers={"If-None-Match": fast_etag})
+            assert (revalidated.status_code, revalidated.headers["etag"]) == (304, fast_etag)
+            assert revalidated.headers["cache-control"] == SHORT
+            settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
+            assert settled.headers["cache-control"] == IMMUTABLE
+            assert settled.content == encoded("webp", "settled")
+            gone = http.get(url, headers={"If-None-Match": fast_etag})
+            assert (gone.status_code, gone.headers["etag"]) == (200, settled.headers["etag"])
+    finally:
+        proc.stop()
+
+
+def test_small_variants_are_settled_at_once(settling: ServerProcess) -> None:
+    with httpx.Client(base_url=settling.url, timeout=60) as http:
+        response = http.get(f"/img/{upload(http)}?w=256&fmt=webp")
+        assert response.headers["cache-control"] == IMMUTABLE
+        assert 'imgsvc_encode_settles_total{outcome="fast"}' not in http.get("/metrics").text
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_with_the_setting_off_every_miss_is_settled_at_once_as_before(
+    server_env: dict[str, str], tmp_path, fmt: str
+) -> None:  # type: ignore[no-untyped-def]
+    server = started(server_env, tmp_path, "off", IMGSVC_ENCODE_SETTLE="false")
+    try:
+        check_as_before(server, fmt)
+    finally:
+        server.stop()
+
+
+def check_as_before(server: ServerProcess, fmt: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        image_id = upload(http)
+        url = f"/img/{image_id}?w={WIDTH}&fmt={fmt}"
+        first = http.get(url)
+        assert (first.status_code, first.headers["cache-control"]) == (200, IMMUTABLE)
+        assert first.content == encoded(fmt, "settled")
+        sha256 = hashlib.sha256(PHOTO.read_bytes()).hexdigest()  # the blob's name: ETags are known before rendering
+        key = TransformSpec(width=WIDTH, format=fmt).render_key()  # type: ignore[arg-type]
+        assert first.headers["etag"] == render_etag(sha256, key, fmt, PIPELINE_VERSION)
+        second = http.get(url)
+        assert (second.headers["etag"], second.headers["x-cache"], second.content) == (
+            first.headers["etag"], "hit", first.content)  # fmt: skip
+        assert http.get(url, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+        assert "imgsvc_encode_settles_total{" not in http.get("/metrics").text  # nothing fast, nothing queued
+
+
+def test_nginx_serves_the_fast_version_briefly_then_the_settled_one(
+    settling: ServerProcess, start_nginx: Callable[..., NginxProcess]
+) -> None:
+    nginx = start_nginx(settling.url.removeprefix("http://"))  # production values: revalidates every second
+    with httpx.Client(base_url=nginx.url, timeout=60) as http:
+        url = f"/img/{upload(http)}?w={WIDTH}&fmt=webp"
+        first = http.get(url)
+        assert (first.status_code, first.headers["cache-control"]) == (200, SHORT)
+        assert first.content == encoded("webp", "fast")
+        settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
+        assert settled.headers["cache-control"] == IMMUTABLE
+        assert settled.content == encoded("webp", "settled")
+        assert settled.headers["etag"] != first.headers["etag"]
+        # From then on nginx keeps (and revalidates) the settled entry: a client's fast ETag gets the settled bytes.
+        later = http.get(url, headers={"If-None-Match": first.headers["etag"]})
+        assert (later.status_code, later.content) == (200, settled.content)
+        assert http.get(url, headers={"If-None-Match": settled.headers["etag"]}).status_code == 304
