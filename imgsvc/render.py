@@ -192,7 +192,6 @@ class Renderer:
                 self.variants.put(key, data, group=image.sha256)
                 self.settled.put(key, True, group=image.sha256)
                 self.variants.pop(key + "|fast")
-                metrics.settles_total.labels("settled").inc()
 
         settler.offer(key, settle, pixels.nbytes if pixels is not None else 0)
 

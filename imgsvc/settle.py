@@ -54,6 +54,7 @@ class Settler:
         if len(self._pending) >= self.queue or self._bytes + nbytes > self.max_bytes:
             metrics.settles_total.labels("dropped").inc()
             return False
+        metrics.settles_total.labels("queued").inc()
         self._pending.add(key)
         self._bytes += nbytes
         self._jobs.append((key, job, nbytes))
@@ -84,6 +85,7 @@ class Settler:
             key, job, nbytes = self._jobs.popleft()
             try:
                 await job()
+                metrics.settles_total.labels("settled").inc()
             except Exception as exc:  # the variant stays fast; the next request for it offers it again
                 metrics.settles_total.labels("failed").inc()
                 log.info("settling %s failed: %s", key, type(exc).__name__)
