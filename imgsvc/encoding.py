@@ -1,5 +1,6 @@
-"""Encoder settings per output format and size, in two efforts: `fast` (a first answer) and `settled` (the
-final bytes). Chosen on the measured CPU/bytes/SSIM frontier: benchmarks/results/encoders.md."""
+"""Encoder settings per output format and size at three efforts: `default` (a miss's one encode), `fast` (a first
+answer, settled later) and `settled` (its final bytes). Chosen on the measured CPU/bytes/SSIM frontier:
+benchmarks/results/encoders.md."""
 
 from __future__ import annotations
 
@@ -10,53 +11,70 @@ import pyvips
 
 from imgsvc.spec import OutputFormat
 
-Effort = Literal["fast", "settled"]
+Effort = Literal["default", "fast", "settled"]
+Options = tuple[tuple[str, object], ...]
+# (largest output in pixels, options), ascending: the first class an output fits in applies.
+Classes = tuple[tuple[int, Options], ...]
 
 # Outputs of at most this many pixels are encoded at the settled setting at once: their encode is a small part
 # of the render (decoding dominates), so a second encode would cost more than the first one saves.
 SMALL_PIXELS = 400 * 400
+_ANY = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """The settings of one encode: `final` when no later encode would make smaller bytes."""
+    """The settings of one encode: `final` when no later encode would change the bytes."""
 
-    options: tuple[tuple[str, object], ...]
+    options: Options
     final: bool
 
 
-def _options(**options: object) -> tuple[tuple[str, object], ...]:
+def _options(**options: object) -> Options:
     return tuple(options.items())
 
 
-_WEBP_SETTLED = _options(effort=4, smart_subsample=False)
-_WEBP_FAST = _options(effort=2, smart_subsample=False)
-_AVIF_SETTLED = _options(compression="av1", effort=2)
-_AVIF_FAST = _options(compression="av1", effort=0)
+def _all(**options: object) -> Classes:
+    return ((_ANY, _options(**options)),)
+
+
+_SETTINGS: dict[str, dict[Effort, Classes]] = {
+    "webp": {
+        "default": _all(effort=4, smart_subsample=False),
+        "fast": _all(effort=2, smart_subsample=False),
+        "settled": _all(effort=4, smart_subsample=False),
+    },
+    "avif": {
+        "default": _all(compression="av1", effort=2),
+        "fast": _all(compression="av1", effort=0),
+        "settled": _all(compression="av1", effort=3),
+    },
+}
 _JPEG = _options(optimize_coding=True)
 _PNG_COMPRESSION = 6
 
 
 def may_settle(fmt: OutputFormat, frames: int) -> bool:
     """Whether a render of `fmt` may have a fast encode to settle later (then `choose` decides by its size)."""
-    return fmt in ("webp", "avif") and frames == 1
+    return fmt in _SETTINGS and frames == 1
+
+
+def settled_tag(fmt: OutputFormat) -> str:
+    """What tells settled bytes from `default` ones in an ETag: empty when every size encodes alike."""
+    settings = _SETTINGS.get(fmt)
+    return "" if settings is None or settings["settled"] == settings["default"] else "|settled"
 
 
 def choose(fmt: OutputFormat, width: int, height: int, frames: int, effort: Effort) -> Choice:
     """The settings for an output of `width` x `height` pixels per frame."""
-    small = width * height <= SMALL_PIXELS or frames > 1
-    match fmt:
-        case "webp":
-            fast = effort == "fast" and not small
-            return Choice(_WEBP_FAST if fast else _WEBP_SETTLED, not fast)
-        case "avif":
-            fast = effort == "fast" and not small
-            return Choice(_AVIF_FAST if fast else _AVIF_SETTLED, not fast)
-        case "jpeg":
-            return Choice(_JPEG, True)
-        case "png":
-            return Choice(_options(compression=_PNG_COMPRESSION), True)
-    return Choice((), True)
+    settings = _SETTINGS.get(fmt)
+    if settings is None:
+        return Choice(_JPEG if fmt == "jpeg" else _options(compression=_PNG_COMPRESSION) if fmt == "png" else (), True)
+    if effort == "fast" and (width * height <= SMALL_PIXELS or frames > 1):
+        effort = "settled"
+    pixels = width * height
+    options = next(options for largest, options in settings[effort] if pixels <= largest)
+    return Choice(options, effort != "fast")
 
 
 def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool, choice: Choice) -> bytes:

@@ -180,7 +180,7 @@ def render(
     fmt: OutputFormat,
     limits: PipelineLimits,
     decoded: DecodedSource | None = None,
-    effort: Effort = "settled",
+    effort: Effort = "default",
     keep_pixels: bool = False,
 ) -> Rendered:
     """Render one variant: orient, resize (never enlarging), crop/pad, blur, flatten, encode, strip metadata.
@@ -213,7 +213,7 @@ def _render(
     limits: PipelineLimits,
     expires: float,
     decoded: DecodedSource | None,
-    effort: Effort = "settled",
+    effort: Effort = "default",
     keep_pixels: bool = False,
 ) -> Rendered:
     configure_libvips()  # again: this may run in a child process
@@ -429,7 +429,7 @@ def _match_background(image: pyvips.Image, rgb: tuple[int, int, int]) -> tuple[p
     return image, list(rgb)
 
 
-def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool, effort: Effort = "settled") -> bytes:
+def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool, effort: Effort = "default") -> bytes:
     """Encode one (single-frame) image at `effort`, with `keep="none"`."""
     choice = choose(fmt, image.width, image.height, 1, effort)
     return encode_with(image, fmt, quality, palette=palette, choice=choice)

@@ -140,10 +140,14 @@ class Renderer:
         image = await self.records.lookup(self.catalog, image_id)
         authorize_view(image, principal, grant)
         result = negotiate(image, query.spec, accept, grant, stamp)
+        settling = self.settler is not None and encoding.may_settle(result.format, image.frames)
+        if settling:  # the settled bytes may differ from a miss's one encode with settling off: so does the ETag
+            etag = variant_etag(image, query.spec, result.format, encoding.settled_tag(result.format))
+            result = replace(result, etag=etag)
         if etag_matches(if_none_match, result.etag):
             return result
         data = self.variants.get(result.variant_key)
-        fast = self._provisional(image, query.spec, result) if data is None else None
+        fast = self._provisional(image, query.spec, result) if settling and data is None else None
         if fast is not None:  # the fast version is current: it answers until the settled one exists
             if etag_matches(if_none_match, fast.etag):
                 self._offer(image, query.spec, result, None)
@@ -163,14 +167,12 @@ class Renderer:
         return replace(result if final else target, outcome="miss", data=data)
 
     def _provisional(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> RenderResult | None:
-        """The fast version of `result` while it is not settled here, or None (settling off, or final at once).
+        """The fast version of `result` while it is not settled here, or None.
 
         Its own ETag and LRU key: a client or cache holding it revalidates and gets the settled bytes."""
-        if self.settler is None or not encoding.may_settle(result.format, image.frames):
-            return None
         if self.settled.get(result.variant_key):
             return None
-        etag = render_etag(image.sha256, spec.render_key(), result.format, pipeline.PIPELINE_VERSION + "|fast")
+        etag = variant_etag(image, spec, result.format, "|fast")
         return replace(result, etag=etag, variant_key=result.variant_key + "|fast", settled=False)
 
     def _offer(
@@ -186,7 +188,7 @@ class Renderer:
             else:
                 original = await self.fetch_original(image)
                 decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
-                rendered = await settler.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+                rendered = await settler.run(pipeline.render, original, spec, fmt, self.limits, decoded, "settled")
                 data = rendered.data
             if image.id not in self.records.deleted:
                 self.variants.put(key, data, group=image.sha256)
@@ -204,7 +206,7 @@ class Renderer:
             metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
             decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
             try:
-                effort = "fast" if fast else "settled"
+                effort = "fast" if fast else "settled" if self.settler else "default"
                 rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded, effort, fast)
             except RenderTimeout:
                 metrics.render_rejections.labels("deadline").inc()
@@ -253,10 +255,13 @@ def negotiate(
     vary = varies_on_accept(spec)
     token = accept_token(accept) if vary else "legacy"
     fmt = choose_output_format(spec.format, token, image.format, image.has_alpha, image.frames > 1)  # type: ignore[arg-type]
-    render_key = spec.render_key()
-    etag = render_etag(image.sha256, render_key, fmt, pipeline.PIPELINE_VERSION)
-    key = f"{image.sha256}|{render_key}|{fmt}"
-    return RenderResult(image, fmt, etag, vary, grant.expires, key, stamp)
+    key = f"{image.sha256}|{spec.render_key()}|{fmt}"
+    return RenderResult(image, fmt, variant_etag(image, spec, fmt), vary, grant.expires, key, stamp)
+
+
+def variant_etag(image: ImageRecord, spec: TransformSpec, fmt: OutputFormat, tag: str = "") -> str:
+    """The ETag of a variant's bytes; `tag` names encoder settings other than the default ones."""
+    return render_etag(image.sha256, spec.render_key(), fmt, pipeline.PIPELINE_VERSION + tag)
 
 
 def authorize_view(image: ImageRecord, principal: Principal | None, grant: Grant) -> None:

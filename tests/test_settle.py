@@ -12,6 +12,7 @@ import pytest
 import pyvips
 
 from benchmarks.encoders import ssim
+from imgsvc.encoding import settled_tag
 from imgsvc.headers import render_etag
 from imgsvc.pipeline import PIPELINE_VERSION, PipelineLimits, render
 from imgsvc.spec import TransformSpec
@@ -57,6 +58,12 @@ def encoded(fmt: str, effort: str) -> bytes:
     return render(PHOTO.read_bytes(), spec, fmt, PipelineLimits(), None, effort).data  # type: ignore[arg-type]
 
 
+def etag_of(fmt: str, version: str) -> str:
+    """The ETag of the photo at WIDTH: from the blob's name (its sha256), known before rendering."""
+    key = TransformSpec(width=WIDTH, format=fmt).render_key()  # type: ignore[arg-type]
+    return render_etag(hashlib.sha256(PHOTO.read_bytes()).hexdigest(), key, fmt, version)
+
+
 def decoded(data: bytes) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(data, "")
 
@@ -75,6 +82,7 @@ def test_a_miss_is_fast_and_short_lived_then_settled_and_immutable(settling: Ser
         assert settled.headers["cache-control"] == IMMUTABLE
         assert settled.headers["etag"] != fast_etag
         assert settled.content == encoded(fmt, "settled")
+        assert settled.headers["etag"] == etag_of(fmt, PIPELINE_VERSION + settled_tag(fmt))  # the default's if alike
         assert len(settled.content) < len(first.content)
         assert decoded(settled.content).width == WIDTH
         # As close to the unencoded pixels as the fast version (AVIF q50: both ~0.92), never another picture.
@@ -122,10 +130,13 @@ def test_the_fast_version_is_current_until_settled_and_a_dropped_settle_is_offer
         proc.stop()
 
 
-def test_small_variants_are_settled_at_once(settling: ServerProcess) -> None:
+@pytest.mark.parametrize("fmt", ["webp", "avif"])
+def test_small_variants_are_settled_at_once(settling: ServerProcess, fmt: str) -> None:
     with httpx.Client(base_url=settling.url, timeout=60) as http:
-        response = http.get(f"/img/{upload(http)}?w=256&fmt=webp")
+        response = http.get(f"/img/{upload(http)}?w=256&fmt={fmt}")
         assert response.headers["cache-control"] == IMMUTABLE
+        spec = TransformSpec(width=256, format=fmt)  # type: ignore[arg-type]
+        assert response.content == render(PHOTO.read_bytes(), spec, fmt, PipelineLimits(), None, "settled").data  # type: ignore[arg-type]
         assert 'imgsvc_encode_settles_total{outcome="fast"}' not in http.get("/metrics").text
 
 
@@ -146,10 +157,8 @@ def check_as_before(server: ServerProcess, fmt: str) -> None:
         url = f"/img/{image_id}?w={WIDTH}&fmt={fmt}"
         first = http.get(url)
         assert (first.status_code, first.headers["cache-control"]) == (200, IMMUTABLE)
-        assert first.content == encoded(fmt, "settled")
-        sha256 = hashlib.sha256(PHOTO.read_bytes()).hexdigest()  # the blob's name: ETags are known before rendering
-        key = TransformSpec(width=WIDTH, format=fmt).render_key()  # type: ignore[arg-type]
-        assert first.headers["etag"] == render_etag(sha256, key, fmt, PIPELINE_VERSION)
+        assert first.content == encoded(fmt, "default")
+        assert first.headers["etag"] == etag_of(fmt, PIPELINE_VERSION)
         second = http.get(url)
         assert (second.headers["etag"], second.headers["x-cache"], second.content) == (
             first.headers["etag"], "hit", first.content)  # fmt: skip
