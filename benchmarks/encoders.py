@@ -203,6 +203,10 @@ def main() -> None:
 
 
 _NOTES = """
+Reading the tables: PNG is measured on every original up to 640 px and on the PNG originals with alpha only above
+(so its 1080/1920 px columns are another, smaller set). JPEG's SSIM is low for all its settings alike because
+the alpha originals are flattened against black by the encoder and against white by the SSIM: compare its rows
+with each other only. The choices and their reasons are in the README, Decisions, *Encoders*.
 ## Earlier figures (one original, 4000×3000 → 640 px)
 
 The first choice of settings (WebP effort 4, AVIF effort 2, JPEG optimize_coding, PNG compression 6) came from

@@ -138,8 +138,8 @@ def main() -> None:
         f"{load[1]:.1f} at the end): latencies move with that load, CPU seconds much less.",
         "",
         "| mode | first answer p50 | p95 | bytes of first answers | bytes once settled | CPU per variant "
-        "(fast + settle) | settled after the last answer |",
-        "|---|---|---|---|---|---|---|",
+        "(fast + settle) | settled after the last answer | settles dropped in the burst, offered again |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, rounds in runs.items():
 
@@ -153,9 +153,19 @@ def main() -> None:
             f"| {' / '.join(f'{r.cpu_seconds / r.requests * 1000:.0f} ms' for r in rounds)} "
             f"| {each('{r.settle_seconds:.1f} s')} | {each('{r.still_fast}')} |"
         )
-    RESULTS.write_text("\n".join(lines) + "\n")
+    RESULTS.write_text("\n".join(lines) + "\n" + _NOTES)
     print(RESULTS.read_text())
 
+
+_NOTES = """
+CPU per variant: user+system seconds of the imgsvc process tree (psutil) from the first request until every
+queued settle has run, after one more request per URL (which offers the dropped settles again), divided by the
+distinct URLs. Settles dropped during the burst (their pixels over IMGSVC_ENCODE_SETTLE_BYTES, 64 MiB: seven
+1920 px outputs) are rendered again from the original when offered again: part of the extra CPU (not separated here).
+Bytes once settled: the same URLs asked again after settling. The settled bytes against the peers' settings
+(WebP effort 4 = sharp's default; AVIF effort 3 = thumbor's speed 6, sharp's effort 4 0.5% smaller at 640 px)
+are in results/encoders.md.
+"""
 
 if __name__ == "__main__":
     main()
