@@ -104,7 +104,7 @@ class Renderer:
         )
         self.settler = settler
         # Variants settled here, so that a miss for one (its bytes evicted) renders it settled at once.
-        self.settled: ByteLRU[str, bool] = ByteLRU(50_000 if settler else 0, lambda _: 1)
+        self.settled: ByteLRU[str, bool] = ByteLRU(50_000 if settler is not None else 0, lambda _: 1)
         self._renders: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
 
@@ -206,7 +206,7 @@ class Renderer:
             metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
             decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
             try:
-                effort = "fast" if fast else "settled" if self.settler else "default"
+                effort = "fast" if fast else "settled" if self.settler is not None else "default"
                 rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded, effort, fast)
             except RenderTimeout:
                 metrics.render_rejections.labels("deadline").inc()

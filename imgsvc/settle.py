@@ -1,5 +1,5 @@
 """Settling in the background: work offered by a fast first answer runs one job at a time, only when no render
-is running or queued, in one thread at the lowest CPU priority; the queue is bounded and drops under load."""
+is running or queued, in one thread at the lowest CPU priority (nice 19); the queue is bounded and drops under load."""
 
 from __future__ import annotations
 
@@ -43,9 +43,6 @@ class Settler:
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgsvc-settle", initializer=_lowest_priority)
         self._task: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     def offer(self, key: str, job: Job, nbytes: int = 0) -> bool:
         """Queue `job` unless it is already waiting; False when it was dropped (the queue or its bytes full)."""
