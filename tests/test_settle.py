@@ -24,15 +24,26 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 WIDTH = 1200  # above encoding.SMALL_PIXELS: settled later
 
 
-def started(env: dict[str, str], tmp_path, name: str, **extra: str) -> ServerProcess:  # type: ignore[no-untyped-def]
-    return ServerProcess({**env, **extra}, tmp_path / f"{name}.log").start()
+StartServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture
-def settling(server_env: dict[str, str], tmp_path) -> Iterator[ServerProcess]:  # type: ignore[no-untyped-def]
-    proc = started(server_env, tmp_path, "settling", IMGSVC_ENCODE_SETTLE="true")
-    yield proc
-    proc.stop()
+def start_server(server_env: dict[str, str], tmp_path) -> Iterator[StartServer]:  # type: ignore[no-untyped-def]
+    """Start imgsvc processes with extra IMGSVC_* values; every one is stopped at teardown."""
+    procs: list[ServerProcess] = []
+
+    def start(name: str, **extra: str) -> ServerProcess:
+        procs.append(ServerProcess({**server_env, **extra}, tmp_path / f"{name}.log").start())
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def settling(start_server: StartServer) -> ServerProcess:
+    return start_server("settling", IMGSVC_ENCODE_SETTLE="true")
 
 
 def upload(http: httpx.Client) -> str:
@@ -65,6 +76,14 @@ def etag_of(fmt: str, version: str) -> str:
     return render_etag(hashlib.sha256(PHOTO.read_bytes()).hexdigest(), key, fmt, version)
 
 
+def fast_miss(http: httpx.Client, fmt: str) -> tuple[str, httpx.Response]:
+    """A new image's URL at WIDTH and its first answer: the fast version, short-lived."""
+    url = f"/img/{upload(http)}?w={WIDTH}&fmt={fmt}"
+    first = http.get(url)
+    assert (first.status_code, first.headers["cache-control"]) == (200, SHORT)
+    return url, first
+
+
 def fast_count(http: httpx.Client) -> float:
     """Fast first encodes this server has made."""
     for line in http.get("/metrics").text.splitlines():
@@ -80,10 +99,7 @@ def decoded(data: bytes) -> pyvips.Image:
 @pytest.mark.parametrize("fmt", ["webp", "avif"])
 def test_a_miss_is_fast_and_short_lived_then_settled_and_immutable(settling: ServerProcess, fmt: str) -> None:
     with httpx.Client(base_url=settling.url, timeout=60) as http:
-        url = f"/img/{upload(http)}?w={WIDTH}&fmt={fmt}"
-        first = http.get(url)
-        assert first.status_code == 200
-        assert first.headers["cache-control"] == SHORT
+        url, first = fast_miss(http, fmt)
         assert first.content == encoded(fmt, "fast")
         fast_etag = first.headers["etag"]
 
@@ -112,31 +128,26 @@ def test_a_miss_is_fast_and_short_lived_then_settled_and_immutable(settling: Ser
 
 
 def test_the_fast_version_is_current_until_settled_and_a_dropped_settle_is_offered_again(
-    server_env: dict[str, str], tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    start_server: StartServer,
+) -> None:
     # No room for pixels: the miss's settle is dropped, so the fast version stays current.
-    proc = started(server_env, tmp_path, "dropping", IMGSVC_ENCODE_SETTLE="true", IMGSVC_ENCODE_SETTLE_BYTES="0")
-    try:
-        with httpx.Client(base_url=proc.url, timeout=60) as http:
-            url = f"/img/{upload(http)}?w={WIDTH}&fmt=webp"
-            first = http.get(url)
-            fast_etag = first.headers["etag"]
-            assert first.headers["cache-control"] == SHORT
-            metrics = http.get("/metrics").text
-            assert 'imgsvc_encode_settles_total{outcome="dropped"} 1.0' in metrics
+    proc = start_server("dropping", IMGSVC_ENCODE_SETTLE="true", IMGSVC_ENCODE_SETTLE_BYTES="0")
+    with httpx.Client(base_url=proc.url, timeout=60) as http:
+        url, first = fast_miss(http, "webp")
+        fast_etag = first.headers["etag"]
+        metrics = http.get("/metrics").text
+        assert 'imgsvc_encode_settles_total{outcome="dropped"} 1.0' in metrics
 
-            # The next request (here a revalidation) is the fast version's 304, and offers the settle again:
-            # without kept pixels, it renders the variant anew in the background.
-            revalidated = http.get(url, headers={"If-None-Match": fast_etag})
-            assert (revalidated.status_code, revalidated.headers["etag"]) == (304, fast_etag)
-            assert revalidated.headers["cache-control"] == SHORT
-            settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
-            assert settled.headers["cache-control"] == IMMUTABLE
-            assert settled.content == encoded("webp", "settled")
-            gone = http.get(url, headers={"If-None-Match": fast_etag})
-            assert (gone.status_code, gone.headers["etag"]) == (200, settled.headers["etag"])
-    finally:
-        proc.stop()
+        # The next request (here a revalidation) is the fast version's 304, and offers the settle again:
+        # without kept pixels, it renders the variant anew in the background.
+        revalidated = http.get(url, headers={"If-None-Match": fast_etag})
+        assert (revalidated.status_code, revalidated.headers["etag"]) == (304, fast_etag)
+        assert revalidated.headers["cache-control"] == SHORT
+        settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
+        assert settled.headers["cache-control"] == IMMUTABLE
+        assert settled.content == encoded("webp", "settled")
+        gone = http.get(url, headers={"If-None-Match": fast_etag})
+        assert (gone.status_code, gone.headers["etag"]) == (200, settled.headers["etag"])
 
 
 @pytest.mark.parametrize("fmt", ["webp", "avif"])
@@ -150,14 +161,9 @@ def test_small_variants_are_settled_at_once(settling: ServerProcess, fmt: str) -
 
 
 @pytest.mark.parametrize("fmt", ["webp", "avif"])
-def test_with_the_setting_off_every_miss_is_settled_at_once_as_before(
-    server_env: dict[str, str], tmp_path, fmt: str
-) -> None:  # type: ignore[no-untyped-def]
-    server = started(server_env, tmp_path, "off", IMGSVC_ENCODE_SETTLE="false")
-    try:
-        check_as_before(server, fmt)
-    finally:
-        server.stop()
+def test_with_the_setting_off_every_miss_is_settled_at_once_as_before(start_server: StartServer, fmt: str) -> None:
+    server = start_server("off", IMGSVC_ENCODE_SETTLE="false")
+    check_as_before(server, fmt)
 
 
 def check_as_before(server: ServerProcess, fmt: str) -> None:
@@ -180,9 +186,7 @@ def test_nginx_serves_the_fast_version_briefly_then_the_settled_one(
 ) -> None:
     nginx = start_nginx(settling.url.removeprefix("http://"))  # production values: revalidates every second
     with httpx.Client(base_url=nginx.url, timeout=60) as http:
-        url = f"/img/{upload(http)}?w={WIDTH}&fmt=webp"
-        first = http.get(url)
-        assert (first.status_code, first.headers["cache-control"]) == (200, SHORT)
+        url, first = fast_miss(http, "webp")
         assert first.content == encoded("webp", "fast")
         settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE)
         assert settled.headers["cache-control"] == IMMUTABLE
@@ -195,24 +199,18 @@ def test_nginx_serves_the_fast_version_briefly_then_the_settled_one(
 
 
 def test_a_settled_variant_is_never_rendered_fast_again_even_without_its_bytes(
-    server_env: dict[str, str], tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    start_server: StartServer,
+) -> None:
     # No variant LRU: nothing keeps the bytes, only the memory of what was settled here.
-    proc = started(server_env, tmp_path, "no-lru", IMGSVC_ENCODE_SETTLE="true", IMGSVC_CACHE_BYTES="0")
-    try:
-        with httpx.Client(base_url=proc.url, timeout=60) as http:
-            url = f"/img/{upload(http)}?w={WIDTH}&fmt=avif"
-            first = http.get(url)
-            assert first.headers["cache-control"] == SHORT
-            # Each poll renders (no LRU), so poll slowly: a settle waits until no render is running or queued.
-            settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE, every=3)
-            assert (settled.headers["cache-control"], settled.headers["x-cache"]) == (IMMUTABLE, "miss")
-            assert settled.content == encoded("avif", "settled")
-            fast_renders = http.get("/metrics").text.count('imgsvc_encode_settles_total{outcome="fast"}')
-            fast_before = fast_count(http)
-            for _ in range(3):
-                again = http.get(url)
-                assert (again.headers["etag"], again.content) == (settled.headers["etag"], settled.content)
-            assert fast_renders == 1 and fast_count(http) == fast_before
-    finally:
-        proc.stop()
+    proc = start_server("no-lru", IMGSVC_ENCODE_SETTLE="true", IMGSVC_CACHE_BYTES="0")
+    with httpx.Client(base_url=proc.url, timeout=60) as http:
+        url, _ = fast_miss(http, "avif")
+        # Each poll renders (no LRU), so poll slowly: a settle waits until no render is running or queued.
+        settled = until(lambda: http.get(url), lambda r: r.headers["cache-control"] == IMMUTABLE, every=3)
+        assert (settled.headers["cache-control"], settled.headers["x-cache"]) == (IMMUTABLE, "miss")
+        assert settled.content == encoded("avif", "settled")
+        fast_before = fast_count(http)
+        for _ in range(3):
+            again = http.get(url)
+            assert (again.headers["etag"], again.content) == (settled.headers["etag"], settled.content)
+        assert fast_count(http) == fast_before
