@@ -37,6 +37,7 @@ from imgsvc.ratelimit import RateLimiter
 from imgsvc.records import RecordCache
 from imgsvc.render import Renderer
 from imgsvc.services import Services
+from imgsvc.settle import Settler
 from imgsvc.signing import Keyring, UnsignedSpace, UrlPolicy
 from imgsvc.spec import SpecLimits
 from imgsvc.storage import BlobStore, open_store
@@ -155,6 +156,11 @@ async def build_services(
         stack.push_async_callback(verifier.close)
         pool = WorkerPool(settings.workers, settings.render_queue)
         limits = pipeline_limits(settings)
+        settler = None
+        if settings.encode_settle:
+            settler = Settler(pool, settings.encode_settle_queue, settings.encode_settle_bytes)
+            settler.start()
+            stack.push_async_callback(settler.stop)
         renderer = Renderer(
             catalog=catalog,
             store=store,
@@ -166,6 +172,7 @@ async def build_services(
             original_cache_bytes=settings.originals_cache_bytes,
             decoded_cache_bytes=settings.decoded_cache_bytes,
             level_scales=settings.derive_scales,
+            settler=settler,
         )
         listener = DeleteListener(dsn, renderer.forget, renderer.trust_records)
         await listener.start()

@@ -45,6 +45,10 @@ class ByteLRU(Generic[K, V]):
         self._groups.setdefault(group, set()).add(key)
         self._prune_groups(group)
 
+    def pop(self, key: K) -> None:
+        if self._lru is not None:
+            self._lru.pop(key, None)  # its group index forgets it when pruned
+
     def evict_group(self, group: str) -> int:
         if self._lru is None:
             return 0

@@ -518,6 +518,28 @@ class Settings:
         parse=parse_int(1, 100_000_000),
         group="ops",
     )
+    encode_settle: bool = _setting(
+        False,
+        "Fast first, best later: a WebP/AVIF miss larger than 400x400 px is answered with a fast encode, cached "
+        "for 60 s only (not immutable) under its own ETag, and re-encoded at the settled setting when no render "
+        "is running or queued; from then on the settled bytes are served, immutable. false: every miss is "
+        "encoded at the settled setting at once.",
+        parse=parse_bool,
+        group="render",
+    )
+    encode_settle_queue: int = _setting(
+        64,
+        "Fast encodes waiting to be settled; past it, one is dropped and offered again by its next request.",
+        parse=parse_int(1, 100_000),
+        group="render",
+    )
+    encode_settle_bytes: int = _setting(
+        64 * MiB,
+        "Bytes of finished pixels the waiting settles may hold (an encode of them needs no new decode); past it, "
+        "a settle is dropped and offered again by its next request.",
+        parse=parse_int(0),
+        group="render",
+    )
 
     @property
     def effective_storage_url(self) -> str:

@@ -16,6 +16,9 @@ CacheStatus = Literal["hit", "miss"]
 
 ONE_YEAR = 31_536_000
 PUBLIC_IMMUTABLE = f"public, max-age={ONE_YEAR}, immutable"
+# A fast first encode (IMGSVC_ENCODE_SETTLE) is kept this long by browsers, nginx and CDNs, which then
+# revalidate: 304 while it is still current, else 200 with the settled bytes.
+PROVISIONAL_MAX_AGE = 60
 ERROR_CACHEABLE = "public, max-age=60"
 NO_STORE = "no-store"
 CONTENT_SECURITY_POLICY = "script-src 'none'; frame-src 'none'; sandbox;"
@@ -48,12 +51,16 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
-def variant_cache_control(*, public: bool, expires: int | None, now: float) -> str:
-    """Immutable for public variants; a signed URL's expiry bounds any cache; private ones stay private."""
+def variant_cache_control(*, public: bool, expires: int | None, now: float, settled: bool = True) -> str:
+    """Immutable for public variants; a signed URL's expiry bounds any cache; private ones stay private; a fast
+    first encode (not `settled`) is kept for PROVISIONAL_MAX_AGE at most."""
+    longest = ONE_YEAR if settled else PROVISIONAL_MAX_AGE
     if expires is not None:
-        max_age = max(0, min(expires - int(now), ONE_YEAR))
+        max_age = max(0, min(expires - int(now), longest))
         return f"{'public' if public else 'private'}, max-age={max_age}"
-    return PUBLIC_IMMUTABLE if public else "private, no-cache"
+    if not public:
+        return "private, no-cache"
+    return PUBLIC_IMMUTABLE if settled else f"public, max-age={PROVISIONAL_MAX_AGE}"
 
 
 class Answer(Protocol):
@@ -77,6 +84,8 @@ class Answer(Protocol):
     def filename(self) -> str: ...
     @property
     def not_modified(self) -> bool: ...
+    @property
+    def settled(self) -> bool: ...
 
 
 def cache_tag(image_id: str) -> str:
@@ -91,9 +100,10 @@ def variant_headers(
     304, which repeats ETag, Vary, Cache-Control and the cache tags (RFC 9110 §15.4.5) but describes no body.
     `tags`: the image's cache tag in Fastly's `Surrogate-Key` and Cloudflare's `Cache-Tag`."""
     public = answer.public
+    cache_control = variant_cache_control(public=public, expires=answer.expires, now=now, settled=answer.settled)
     headers = [
         (b"etag", answer.etag.encode()),
-        (b"cache-control", variant_cache_control(public=public, expires=answer.expires, now=now).encode()),
+        (b"cache-control", cache_control.encode()),
         (b"timing-allow-origin", b"*"),
         (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     ]

@@ -37,6 +37,9 @@ cache_total = Counter("imgsvc_cache_requests_total", "Cache lookups by tier and 
 renders_running = Gauge("imgsvc_render_workers_busy", "Renders running in worker threads.", multiprocess_mode="livesum")
 renders_waiting = Gauge("imgsvc_render_queue_depth", "Renders waiting for a worker.", multiprocess_mode="livesum")
 render_rejections = Counter("imgsvc_render_rejections_total", "Renders refused or stopped, by reason.", ["reason"])
+settles_total = Counter(
+    "imgsvc_encode_settles_total", "Fast first encodes and their settling, by outcome.", ["outcome"]
+)
 uploads_total = Counter("imgsvc_uploads_total", "Uploads by outcome.", ["outcome"])
 purge_lag_seconds = Histogram(
     "imgsvc_purge_lag_seconds", "Time from a delete (its purge job) to its delivery to a CDN purge target.",

@@ -17,6 +17,7 @@ import pyvips
 from imgsvc import geometry, isolation, metrics, structure
 from imgsvc.cache import SharedByteLRU
 from imgsvc.deadline import Deadline
+from imgsvc.encoding import Effort, Pixels, choose, encode as encode_with
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
 from imgsvc.sniffing import EXPECTED_LOADER, sniff_format
 from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
@@ -43,11 +44,7 @@ __all__ = [
 # Bump the leading number whenever output bytes could change (encoder settings, geometry, colour handling).
 PIPELINE_VERSION = f"2-vips{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
 
-# Encoder settings: measured speed, size and quality per effort in benchmarks/results/encoders.md.
-_WEBP_EFFORT = 4
 _WEBP_MAX_DIMENSION = 16383  # libwebp's limit
-_AVIF_EFFORT = 2
-_PNG_COMPRESSION = 6
 
 # Sources whose decoded pixels may be kept for the next render of the same original: JPEG at each DCT
 # scale (1/1, 1/2, 1/4, 1/8), PNG in full. The rest decode at a scale that varies with the output size.
@@ -102,6 +99,8 @@ class Rendered:
     frames: int
     pixel_seconds: float = 0.0  # decode, resize, crop/pad, blur: up to the finished pixels
     encode_seconds: float = 0.0
+    final: bool = True  # False: a fast encode, which the settled effort would make smaller
+    pixels: Pixels | None = None  # the finished pixels, when asked for and the encode was not final
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +183,8 @@ def render(
     limits: PipelineLimits,
     decoded: DecodedSource | None = None,
     plan_size: tuple[int, int] | None = None,
+    effort: Effort = "default",
+    keep_pixels: bool = False,
 ) -> Rendered:
     """Render one variant: orient, resize (never enlarging), crop/pad, blur, flatten, encode, strip metadata.
 
@@ -195,16 +196,18 @@ def render(
     colour even for outputs with alpha (an explicit bg is the caller's choice), placed by `gravity`.
     smart/entropy gravity crops by libvips attention/entropy; for animations (and `contain`) it is `center`.
     With `decoded`, a static JPEG or PNG is decoded once per scale and later renders start from those pixels
-    (the same output: libvips' own thumbnail from the same decode). Raises like `probe`; a render past its
-    deadline raises RenderTimeout. `plan_size`: the geometry is planned for an image of that (oriented) size
-    instead of `data`'s, which is then a reduced copy of that image (imgsvc.pyramid).
+    (the same output: libvips' own thumbnail from the same decode). `plan_size`: the geometry is planned for an
+    image of that (oriented) size instead of `data`'s, which is then a reduced copy of that image (imgsvc.pyramid).
+    `effort` picks the encoder settings (`encoding.choose`); with `keep_pixels`, a fast encode keeps its finished
+    pixels for the settled one. Raises like `probe`; a render past its deadline raises RenderTimeout.
     """
     configure_libvips()
     expires = time.monotonic() + limits.timeout_seconds
     header = _open_header(data, limits)
     if _isolate(header.probe, limits):
-        return _in_child(_render, (data, header, spec, fmt, limits, expires, None, plan_size), expires)
-    return _render(data, header, spec, fmt, limits, expires, decoded, plan_size)
+        args = (data, header, spec, fmt, limits, expires, None, plan_size, effort, False)
+        return _in_child(_render, args, expires)
+    return _render(data, header, spec, fmt, limits, expires, decoded, plan_size, effort, keep_pixels)
 
 
 def _render(
@@ -216,6 +219,8 @@ def _render(
     expires: float,
     decoded: DecodedSource | None,
     plan_size: tuple[int, int] | None = None,
+    effort: Effort = "default",
+    keep_pixels: bool = False,
 ) -> Rendered:
     configure_libvips()  # again: this may run in a child process
     deadline = Deadline.until(expires)
@@ -258,13 +263,15 @@ def _render(
         pixels_done = time.perf_counter()
         if deadline.expired():
             raise RenderTimeout("the render exceeded its deadline", headers={"Retry-After": "1"})
-        out = encode(image, fmt, quality, palette=header.palette)
+        choice = choose(fmt, image.width, image.height // frames, frames, effort)
+        out = encode_with(image, fmt, quality, palette=header.palette, choice=choice)
     except pyvips.Error as exc:
         raise _render_error(deadline, "the image cannot be rendered", exc) from exc
     finally:
         deadline.release()
+    kept = Pixels(image, fmt, quality, header.palette, frames) if keep_pixels and not choice.final else None
     return Rendered(out, fmt, image.width, image.height // frames, frames, pixels_done - started,
-                    time.perf_counter() - pixels_done)  # fmt: skip
+                    time.perf_counter() - pixels_done, choice.final, kept)  # fmt: skip
 
 
 def _isolate(source: Probe, limits: PipelineLimits) -> bool:
@@ -443,18 +450,7 @@ def _match_background(image: pyvips.Image, rgb: tuple[int, int, int]) -> tuple[p
     return image, list(rgb)
 
 
-def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool) -> bytes:
-    """Encode with `keep="none"`: no EXIF, XMP, IPTC, ICC or GPS in any output."""
-    match fmt:
-        case "jpeg":
-            return image.jpegsave_buffer(Q=quality, optimize_coding=True, keep="none")
-        case "webp":
-            return image.webpsave_buffer(Q=quality, effort=_WEBP_EFFORT, smart_subsample=False, keep="none")
-        case "avif":
-            return image.heifsave_buffer(Q=quality, compression="av1", effort=_AVIF_EFFORT, keep="none")
-        case "png":
-            # Quantise only sources that were palette images already (libimagequant costs ~10x the deflate).
-            return image.pngsave_buffer(compression=_PNG_COMPRESSION, palette=palette, keep="none")
-        case "gif":
-            return image.gifsave_buffer(keep="none")
-    raise ValueError(f"unknown output format {fmt!r}")
+def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool, effort: Effort = "default") -> bytes:
+    """Encode one (single-frame) image at `effort`, with `keep="none"`."""
+    choice = choose(fmt, image.width, image.height, 1, effort)
+    return encode_with(image, fmt, quality, palette=palette, choice=choice)

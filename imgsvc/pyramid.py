@@ -14,6 +14,7 @@ import pyvips
 from imgsvc import geometry, pipeline, thumbhash
 from imgsvc.deadline import Deadline
 from imgsvc.derivations import Placeholder, Source
+from imgsvc.encoding import Effort
 from imgsvc.errors import RenderTimeout, UndecodableImage
 from imgsvc.spec import OutputFormat, TransformSpec
 from imgsvc.storage import derived_key
@@ -79,7 +80,8 @@ def choose(
 
 def render_level(
     data: bytes, level: Level, spec: TransformSpec, fmt: OutputFormat, limits: pipeline.PipelineLimits,
-    decoded: pipeline.DecodedSource | None, original_size: tuple[int, int],
+    decoded: pipeline.DecodedSource | None, original_size: tuple[int, int], effort: Effort = "default",
+    keep_pixels: bool = False,
 ) -> pipeline.Rendered:  # fmt: skip
     """Render from a level as if from the original: UndecodableImage if the stored bytes are not that level."""
     try:
@@ -89,7 +91,7 @@ def render_level(
         raise UndecodableImage("the stored level is unreadable") from exc
     if size != (level.width, level.height):
         raise UndecodableImage(f"the stored level is {size[0]}x{size[1]}, not {level.width}x{level.height}")
-    return pipeline.render(data, spec, fmt, limits, decoded, original_size)
+    return pipeline.render(data, spec, fmt, limits, decoded, original_size, effort, keep_pixels)
 
 
 def derive(data: bytes, levels: tuple[Level, ...], timeout: float) -> Derived:

@@ -1,7 +1,7 @@
 """The render flow in one place: grant -> lookup -> negotiate -> cache -> produce (single-flight, pool, pipeline).
 
 Everything that decides the response is known before any pixel work: a matching `If-None-Match` needs no
-storage or libvips.
+storage or libvips. With a `Settler`, a miss is first answered with a fast encode, settled later (see `provisional`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 import pyvips
 
-from imgsvc import derivations, metrics, pipeline, pyramid
+from imgsvc import derivations, encoding, metrics, pipeline, pyramid
 from imgsvc.auth import Principal, may_view
 from imgsvc.cache import ByteLRU, SharedByteLRU, SingleFlight
 from imgsvc.catalog import Catalog, DeleteNotice, ImageRecord
@@ -34,6 +34,7 @@ from imgsvc.errors import (
 from imgsvc.headers import etag_matches, render_etag
 from imgsvc.hits import HitIndex
 from imgsvc.records import RecordCache, RecordStamp
+from imgsvc.settle import Settler
 from imgsvc.signing import Grant, UrlPolicy
 from imgsvc.spec import OutputFormat, ParsedQuery, TransformSpec, accept_token, choose_output_format, varies_on_accept
 from imgsvc.storage import BlobStore, BlobTooLarge, blob_key
@@ -59,6 +60,7 @@ class RenderResult:
     vary_hints: tuple[str, ...] = ()  # the client-hint headers the answer depends on (`w=auto`, `dpr=auto`)
     outcome: Outcome = "not-modified"
     data: bytes = b""
+    settled: bool = True  # False: a fast first encode, cached briefly (headers.PROVISIONAL_MAX_AGE)
 
     @property
     def not_modified(self) -> bool:
@@ -74,8 +76,9 @@ class RenderResult:
 
     @property
     def rememberable(self) -> bool:
-        """Whether every anonymous request for the same URL gets these very bytes and headers."""
-        return self.public and self.expires is None and not self.not_modified and not self.vary_hints
+        """Whether every anonymous request for the same URL gets these very bytes and headers (a fast version is
+        not remembered: each request for it goes through `Renderer.render`, which offers it to settle again)."""
+        return self.public and self.expires is None and not self.not_modified and not self.vary_hints and self.settled
 
     @property
     def filename(self) -> str:
@@ -100,6 +103,7 @@ class Renderer:
         original_cache_bytes: int,
         decoded_cache_bytes: int = 0,
         level_scales: tuple[int, ...] = (),
+        settler: Settler | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
@@ -116,7 +120,10 @@ class Renderer:
         self.decoded: SharedByteLRU[tuple[str, int], pyvips.Image] = SharedByteLRU(
             decoded_cache_bytes, pipeline.decoded_bytes
         )
-        self._renders: SingleFlight[str, bytes] = SingleFlight()
+        self.settler = settler
+        # Variants settled here, so that a miss for one (its bytes evicted) renders it settled at once.
+        self.settled: ByteLRU[str, bool] = ByteLRU(50_000 if settler is not None else 0, lambda _: 1)
+        self._renders: SingleFlight[str, tuple[bytes, bool]] = SingleFlight()
         self._fetches: SingleFlight[str, bytes] = SingleFlight()
 
     def forget(self, notice: DeleteNotice) -> None:
@@ -128,6 +135,7 @@ class Renderer:
             self.variants.evict_group(sha256)
             self.originals.evict_group(sha256)
             self.decoded.evict_group(sha256)
+            self.settled.evict_group(sha256)
 
     def trust_records(self, trusted: bool) -> None:
         """Called by the delete listener: when it comes back, deletes may have been missed, so start afresh."""
@@ -152,24 +160,74 @@ class Renderer:
         authorize_view(image, principal, grant)
         spec, used = resolve_hints(query.spec, hints, self.hint_widths, image.width, self.limits.max_output_dim)
         result = negotiate(image, spec, accept, grant, stamp, used, hints.save_data)
+        settling = self.settler is not None and encoding.may_settle(result.format, image.frames)
+        if settling:  # the settled bytes may differ from a miss's one encode with settling off: so does the ETag
+            etag = variant_etag(image, result.spec, result.format, encoding.settled_tag(result.format))
+            result = replace(result, etag=etag)
         if etag_matches(if_none_match, result.etag):
             return result
         data = self.variants.get(result.variant_key)
+        fast = self._provisional(image, result.spec, result) if settling and data is None else None
+        if fast is not None:  # the fast version is current: it answers until the settled one exists
+            if etag_matches(if_none_match, fast.etag):
+                self._offer(image, result.spec, result, None)
+                return fast
+            data = self.variants.get(fast.variant_key)
+            if data is not None:
+                self._offer(image, result.spec, result, None)
+                metrics.cache_total.labels("variant", "hit").inc()
+                return replace(fast, outcome="hit", data=data)
         metrics.cache_total.labels("variant", "miss" if data is None else "hit").inc()
         if data is not None:
             return replace(result, outcome="hit", data=data)
         if charge is not None:  # per request, outside the single flight: a 429 never reaches others waiting on it
             charge()
-        data = await self._renders.run(result.variant_key, lambda: self._produce(image, result.spec, result))
-        return replace(result, outcome="miss", data=data)
+        target = fast or result
+        data, final = await self._renders.run(target.variant_key, lambda: self._produce(image, result.spec, target))
+        return replace(result if final else target, outcome="miss", data=data)
 
-    async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> bytes:
-        fmt = result.format
+    def _provisional(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> RenderResult | None:
+        """The fast version of `result` while it is not settled here, or None.
+
+        Its own ETag and LRU key: a client or cache holding it revalidates and gets the settled bytes."""
+        if self.settled.get(result.variant_key):
+            return None
+        etag = variant_etag(image, spec, result.format, "|fast")
+        return replace(result, etag=etag, variant_key=result.variant_key + "|fast", settled=False)
+
+    def _offer(
+        self, image: ImageRecord, spec: TransformSpec, result: RenderResult, pixels: encoding.Pixels | None
+    ) -> None:
+        """Queue the settled encode of `result` (from `pixels`, else rendered again); dropped when busy."""
+        settler, key, fmt = self.settler, result.variant_key, result.format
+        assert settler is not None
+
+        async def settle() -> None:
+            if pixels is not None:
+                data = await settler.run(pixels.encode, "settled")
+            else:
+                original = await self.fetch_original(image)
+                decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
+                # From the original (the variant's ETag is the same from a level, README: Pyramid).
+                args = (original, spec, fmt, self.limits, decoded, None, "settled")
+                rendered = await settler.run(pipeline.render, *args)
+                data = rendered.data
+            if image.id not in self.records.deleted:
+                self.variants.put(key, data, group=image.sha256)
+                self.settled.put(key, True, group=image.sha256)
+                self.variants.pop(key + "|fast")
+
+        settler.offer(key, settle, pixels.nbytes if pixels is not None else 0)
+
+    async def _produce(self, image: ImageRecord, spec: TransformSpec, result: RenderResult) -> tuple[bytes, bool]:
+        """Render `result` (fast when it is not settled): its bytes and whether they are final."""
+        fmt, fast = result.format, not result.settled
         with self.pool.admit():  # refuse before reading the original, not after
             try:
-                rendered = await self._render_level(image, spec, fmt)
+                effort: encoding.Effort = "fast" if fast else "settled" if self.settler is not None else "default"
+                rendered = await self._render_level(image, spec, fmt, effort, fast)
                 if rendered is None:
-                    rendered = await self._render_original(image, spec, fmt)
+                    rendered = await self._render_original(image, spec, fmt, effort, fast)
             except RenderTimeout:
                 metrics.render_rejections.labels("deadline").inc()
                 raise
@@ -179,20 +237,31 @@ class Renderer:
         metrics.render_seconds.labels("pixels", fmt).observe(rendered.pixel_seconds)
         metrics.render_seconds.labels("encode", fmt).observe(rendered.encode_seconds)
         if image.id not in self.records.deleted:  # a live image of these bytes: cached for all of them
-            self.variants.put(result.variant_key, rendered.data, group=image.sha256)
-        return rendered.data
+            key = result.variant_key.removesuffix("|fast")
+            if rendered.final:
+                self.variants.put(key, rendered.data, group=image.sha256)
+                if self.settler is not None:
+                    self.settled.put(key, True, group=image.sha256)
+            else:
+                self.variants.put(result.variant_key, rendered.data, group=image.sha256)
+                metrics.settles_total.labels("fast").inc()
+                self._offer(image, spec, replace(result, variant_key=key), rendered.pixels)
+        return rendered.data, rendered.final
 
-    async def _render_original(self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat) -> pipeline.Rendered:
+    async def _render_original(
+        self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat, effort: encoding.Effort, keep_pixels: bool
+    ) -> pipeline.Rendered:
         fetch_started = time.perf_counter()
         original = await self.fetch_original(image)
         metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
         decoded = pipeline.DecodedSource(self.decoded, image.sha256, image.sha256)
-        rendered = await self.pool.run(pipeline.render, original, spec, fmt, self.limits, decoded)
+        args = (original, spec, fmt, self.limits, decoded, None, effort, keep_pixels)
+        rendered = await self.pool.run(pipeline.render, *args)
         metrics.render_sources.labels("original").inc()
         return rendered
 
     async def _render_level(
-        self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat
+        self, image: ImageRecord, spec: TransformSpec, fmt: OutputFormat, effort: encoding.Effort, keep_pixels: bool
     ) -> pipeline.Rendered | None:
         """From the smallest pyramid level that serves this render; None (start from the original) when there is
         none, or it is not stored yet, or it is unusable: a level is never the reason a render fails."""
@@ -209,7 +278,8 @@ class Renderer:
             metrics.render_seconds.labels("fetch", fmt).observe(time.perf_counter() - fetch_started)
             decoded = pipeline.DecodedSource(self.decoded, key, image.sha256)
             size = (image.width, image.height)
-            rendered = await self.pool.run(pyramid.render_level, data, level, spec, fmt, self.limits, decoded, size)
+            args = (data, level, spec, fmt, self.limits, decoded, size, effort, keep_pixels)
+            rendered = await self.pool.run(pyramid.render_level, *args)
         except (BlobNotFound, BlobTooLarge):
             return None  # not derived yet (or gone with an outage of the store): the original is the source
         except RenderTimeout:
@@ -265,10 +335,14 @@ def negotiate(
     fmt = choose_output_format(spec.format, token, image.format, image.has_alpha, image.frames > 1)  # type: ignore[arg-type]
     if hints_used and save_data:
         spec = save_data_quality(spec, fmt)
-    render_key = spec.render_key()
-    etag = render_etag(image.sha256, render_key, fmt, pipeline.PIPELINE_VERSION)
-    key = f"{image.sha256}|{render_key}|{fmt}"
+    key = f"{image.sha256}|{spec.render_key()}|{fmt}"
+    etag = variant_etag(image, spec, fmt)
     return RenderResult(image, fmt, etag, vary, grant.expires, key, stamp, spec, hints_used)
+
+
+def variant_etag(image: ImageRecord, spec: TransformSpec, fmt: OutputFormat, tag: str = "") -> str:
+    """The ETag of a variant's bytes; `tag` names encoder settings other than the default ones."""
+    return render_etag(image.sha256, spec.render_key(), fmt, pipeline.PIPELINE_VERSION + tag)
 
 
 def authorize_view(image: ImageRecord, principal: Principal | None, grant: Grant) -> None:

@@ -6,6 +6,7 @@ work with 503 + Retry-After instead of letting latency and memory grow without b
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -24,6 +25,8 @@ class WorkerPool:
         self.queue = queue
         self._limiter = anyio.CapacityLimiter(workers)
         self._admitted = 0
+        self._idle = asyncio.Event()  # no render admitted: what low-priority work waits for
+        self._idle.set()
 
     @property
     def running(self) -> int:
@@ -46,12 +49,19 @@ class WorkerPool:
                 headers={"Retry-After": "1"},
             )
         self._admitted += 1
+        self._idle.clear()
         metrics.renders_waiting.inc()
         try:
             yield
         finally:
             self._admitted -= 1
+            if self._admitted == 0:
+                self._idle.set()
             metrics.renders_waiting.dec()
+
+    async def idle(self) -> None:
+        """Return once no render is running or queued."""
+        await self._idle.wait()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run in a worker thread; the caller holds a place from `admit()`."""

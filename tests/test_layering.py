@@ -28,10 +28,10 @@ LAYERS = [
         "thumbhash",
         "views",
     },
-    {"sniffing", "vips_hardening", "deadline"},
+    {"sniffing", "vips_hardening", "deadline", "encoding"},
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi", "derivations"},
     {"pyramid"},  # levels and placeholders: pipeline + the derivation queue's records
-    {"auth", "upload", "gc", "records", "derive"},
+    {"auth", "upload", "gc", "records", "derive", "settle"},
     {"hits"},
     {"verifiers", "render", "invalidation", "importer", "viewlog"},
     {"services"},
