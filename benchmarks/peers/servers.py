@@ -89,7 +89,11 @@ def start_imgsvc(tmp: Path, name: str, sources: list[Path] | None = None, **env:
     }
     command = [sys.executable, "-m", "imgsvc", "serve"]
     proc, startup = launch(command, settings, f"{url}/readyz", LOGS / f"{name}.log")
-    ids = {path.name: upload(url, path) for path in sources or [wl.source for wl in WORKLOADS]}
+    try:
+        ids = {path.name: upload(url, path) for path in sources or [wl.source for wl in WORKLOADS]}
+    except BaseException:
+        kill(proc)
+        raise
     templates = {
         wl.key: f"/img/{ids[wl.file]}?w={{w}}&h={{h}}&fmt={{fmt}}&q={{q}}" for wl in WORKLOADS if wl.file in ids
     }

@@ -47,7 +47,8 @@ def start(variant: Variant, tmp: Path, corpus: list[Original]) -> Server:
     if variant.kind == "ipx":
         return servers.start_ipx(tmp, CACHE)
     slug = "".join(c if c.isalnum() else "-" for c in variant.name)
-    server = servers.start_imgsvc(tmp, slug, [o.path() for o in corpus], **dict(variant.env))
+    env = {"IMGSVC_UNSIGNED_EFFECTS": "true", **dict(variant.env)}  # `bg`, the cache-busting value
+    server = servers.start_imgsvc(tmp, slug, [o.path() for o in corpus], **env)
     server.name = variant.name
     return server
 
@@ -73,6 +74,12 @@ def check(server: Server, traces: list[Trace], corpus: list[Original], results: 
                 if width != req.width:
                     results.problems[server.name] = f"{trace.key}: HTTP {response.status_code}, width {width}"
                     return
+        if server.ids:  # a new bust value must miss imgsvc's variant cache
+            req = traces[0].requests[0]
+            cache = http.get(urls.path(server, req, corpus[req.original], 1)).headers.get("x-cache")
+            if cache != "miss":
+                results.problems[server.name] = f"a new bust value was answered X-Cache: {cache}"
+                return
         scores = []
         for req in sample(corpus):
             original = corpus[req.original]

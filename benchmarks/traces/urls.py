@@ -1,8 +1,9 @@
 """A trace as each server spells it, and the wrk Lua script that sends it.
 
-Each request's path is split around a cache-busting value that changes nothing in the output: `v=` for
-imgsvc (part of its cache key), `?v=` for thumbor (query ignored), a `v_` modifier for ipx (ignored).
-The value is the run's epoch, plus for distinct-URL traces the number of times the list has wrapped.
+Each request's path is split around a cache-busting value that changes nothing in the output: for imgsvc a
+background `bg` (used only to flatten alpha into JPEG, so inert for WebP; unlike `v`, part of the variant
+cache key), `?v=` for thumbor (query ignored), a `v_` modifier for ipx (ignored). The value is the run's
+epoch, plus for distinct-URL traces the number of times the list has wrapped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def split_path(server: Server, req: Request, original: Original) -> tuple[str, s
     if server.ids:  # imgsvc
         crop = f"&h={req.height}&fit=cover" if req.height else ""
         quality = f"&q={req.quality}" if req.quality != DEFAULT_QUALITY else ""
-        return f"/img/{server.ids[original.file]}?w={req.width}{crop}&fmt={req.fmt}{quality}&v=t", ""
+        return f"/img/{server.ids[original.file]}?w={req.width}{crop}&fmt={req.fmt}{quality}&bg=", ""
     if server.name == "thumbor":  # both sizes given: thumbor crops to fill, centred
         return (
             f"/unsafe/{req.width}x{req.height or 0}/filters:format({req.fmt}):quality({req.quality})"
@@ -37,9 +38,14 @@ def split_path(server: Server, req: Request, original: Original) -> tuple[str, s
     raise ValueError(f"no URL dialect for {server.name}")
 
 
+def _hex(server: Server) -> bool:
+    """imgsvc's bust is a colour: six hex digits."""
+    return bool(server.ids)
+
+
 def path(server: Server, req: Request, original: Original, bust: int) -> str:
     before, after = split_path(server, req, original)
-    return f"{before}{bust}{after}"
+    return f"{before}{bust:06x}{after}" if _hex(server) else f"{before}{bust}{after}"
 
 
 def lua_script(server: Server, trace: Trace, corpus: list[Original], epoch: int) -> str:
@@ -54,7 +60,8 @@ def lua_script(server: Server, trace: Trace, corpus: list[Original], epoch: int)
   local i = {epoch * 211 % len(pairs)} + counter * {WRK_THREADS} + tid
   counter = counter + 1
   local p = paths[i % n + 1]
-  return wrk.format("GET", p[1] .. ({epoch} * 1000 + {wraps}) .. p[2])
+  local b = {epoch} * 1000 + {wraps}
+  return wrk.format("GET", p[1] .. {'string.format("%06x", b)' if _hex(server) else "b"} .. p[2])
 end
 """
     )
