@@ -9,9 +9,11 @@ Writes results/traces.md (or `--out`).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from peers import install, servers
@@ -22,6 +24,7 @@ from traces.run import Results, Variant, check, run_cell, start
 from traces.traffic import traces
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "traces.md"
+RAW = Path(__file__).resolve().parents[1] / ".traces" / "last-run.json"  # every run's figures, for a second look
 DEFAULT_VARIANTS = (
     Variant("imgsvc", "imgsvc"),
     Variant("imgsvc, decoded cache off", "imgsvc", (("IMGSVC_DECODED_CACHE_BYTES", "0"),)),
@@ -82,6 +85,10 @@ def main() -> None:
         finally:
             for server in reversed(started):
                 server.stop()
+    RAW.parent.mkdir(exist_ok=True)
+    RAW.write_text(json.dumps({"runs": {"|".join(map(str, k)): [asdict(r) for r in v] for k, v in results.runs.items()},
+                               "hits": {"|".join(map(str, k)): v for k, v in results.hits.items()},
+                               "sample": results.sample, "problems": results.problems}))  # fmt: skip
     text = report.markdown(results, variants, chosen, corpus, versions, args, (time.monotonic() - began) / 60)
     print(text)
     args.out.write_text(text)

@@ -31,10 +31,21 @@ def ratio_to_best_peer(results: Results, name: str, trace: str, c: int) -> float
     return _median(_per_round(results.runs.get((name, trace, c), []), [b for b in bases if b]))
 
 
+def cpu_ratio(results: Results, name: str, trace: str, c: int) -> float:
+    """The leaner peer's median CPU ms per request ÷ this server's: above 1, fewer CPU ms per request."""
+    peers = [measure.median_run(runs).cpu_ms for p in PEERS if (runs := results.runs.get((p, trace, c)))]
+    ours = results.runs.get((name, trace, c))
+    return min(peers) / measure.median_run(ours).cpu_ms if peers and ours else math.nan
+
+
+def _x(value: float) -> str:
+    return "–" if math.isnan(value) else f"×{value:.2f}"
+
+
 def _trace_table(results: Results, variants: list[Variant], trace: Trace, conns: list[int]) -> str:
     header = ["server"]
     for c in conns:
-        header += [f"c={c} req/s", "vs best peer", "CPU ms/req", "p50 / p99 ms"]
+        header += [f"c={c} req/s", "vs best peer", "CPU ms/req", "CPU vs leanest peer", "p50 / p99 ms"]
     header += ["peak RSS MiB", "errors"]
     if trace.repeats:
         header.insert(1, "LRU hit ratio")
@@ -51,7 +62,7 @@ def _trace_table(results: Results, variants: list[Variant], trace: Trace, conns:
         for c in conns:
             ratio = ratio_to_best_peer(results, variant.name, trace.key, c)
             m = merged[c]
-            cells += [f"{m.rps:.1f}", "–" if math.isnan(ratio) else f"×{ratio:.2f}", f"{m.cpu_ms:.0f}",
+            cells += [f"{m.rps:.1f}", _x(ratio), f"{m.cpu_ms:.0f}", _x(cpu_ratio(results, variant.name, trace.key, c)),
                       f"{m.p50_ms:.0f} / {m.p99_ms:.0f}"]  # fmt: skip
         cells += [f"{max(m.rss_mb for m in merged.values()):.0f}", str(sum(m.errors for m in merged.values()))]
         rows.append(cells)
@@ -115,7 +126,9 @@ def markdown(
         "",
         f"Load: `wrk -t2 -c{{{','.join(map(str, conns))}}} -d{args.seconds:g}s` with a Lua script walking the "
         f"trace; {args.rounds} rounds, servers interleaved (order rotated each round); medians over rounds; "
-        "'vs best peer' is the median over rounds of req/s ÷ the faster of thumbor and ipx in the same round. "
+        "'vs best peer' is the median over rounds of req/s ÷ the faster of thumbor and ipx in the same round; "
+        "'CPU vs leanest peer' is the lower of the peers' CPU ms per request ÷ this server's (above ×1: less CPU "
+        "per request, i.e. more requests per core; on a shared machine steadier than req/s). "
         "Each (round, trace, connections) cell sends every server the same segment of the trace on fresh URLs. "
         "CPU: user+system seconds of the server's whole process tree (imgsvc's embedded Postgres and "
         "thumbor's forks included) per completed request. Peak RSS: the tree's, sampled every 0.2 s.",
