@@ -1,8 +1,8 @@
 """imgsvc's memory on the cold trace at 32 connections: the process tree's RSS over time, per settings variant.
 
 Each variant is a fresh imgsvc with the corpus uploaded, then `--seconds` of the cold trace (every request a
-distinct URL, so every one renders) while the RSS of the server process and of its children (the embedded
-Postgres) is sampled every second. Writes results/memory.md.
+distinct URL, so every one renders) while the RSS of the server process and of its children (isolation
+children; the embedded Postgres runs detached, so it is not counted) is sampled every second. Writes results/memory.md.
 Run: `cd benchmarks && ../.venv/bin/python memory.py [--seconds 300] [--variant 'name:IMGSVC_X=1,...']`.
 """
 
@@ -117,7 +117,7 @@ def main() -> None:
             table.append(rows(variant, series, run, idle))
             detail += [f"### {variant.name}", "", minutes(series), ""]
             print(" | ".join(table[-1]), flush=True)
-    header = ["variant", "settings", "idle MiB", "peak MiB", "server + Postgres peak", "first → last minute max",
+    header = ["variant", "settings", "idle MiB", "peak MiB", "server + children peak", "first → last minute max",
               "req/s", "CPU ms/req", "errors"]  # fmt: skip
     text = "\n".join(
         [
@@ -129,7 +129,8 @@ def main() -> None:
             f"The traces' corpus (120 originals, 1600-3900 px), cold trace (every request a distinct URL, WebP q80 "
             f"srcset widths), `wrk -t2 -c{CONNECTIONS}`, {args.seconds:g} s per variant, one variant after "
             "the other, each a fresh `imgsvc serve` with the corpus uploaded. RSS of the server process and of "
-            "its children (the embedded Postgres), sampled every second; 'idle' after the uploads.",
+            "its children (the embedded Postgres runs detached and is not counted), sampled every second; 'idle' "
+            "after the uploads.",
             "",
             _table(header, table),
             "",

@@ -105,13 +105,9 @@ def markdown(
         "# Origin traffic: traces over 120 originals, imgsvc against thumbor and ipx",
         "",
         f"`cd benchmarks && ../.venv/bin/python -m traces --rounds {args.rounds} --seconds {args.seconds:g}"
-        f" --connections {','.join(map(str, conns))} --traces {args.traces}`"
-        + "".join(
-            f" --imgsvc '{v.name}:{','.join(f'{k}={x}' for k, x in v.env)}'"
-            for v in variants
-            if v.kind == "imgsvc" and v.env and v.name != "imgsvc, decoded cache off"
-        )
-        + f"; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {minutes:.0f} min.",
+        f" --connections {','.join(map(str, conns))} --traces {args.traces}"
+        + "".join(f" --imgsvc '{v.name}:{','.join(f'{k}={x}' for k, x in v.env)}'" for v in args.imgsvc)
+        + f"`; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {minutes:.0f} min.",
         "",
         f"Machine: {psutil.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, shared: other work used a median of {_others(results)} "
@@ -130,8 +126,10 @@ def markdown(
         "'CPU vs leanest peer' is the lower of the peers' CPU ms per request ÷ this server's (above ×1: less CPU "
         "per request, i.e. more requests per core; on a shared machine steadier than req/s). "
         "Each (round, trace, connections) cell sends every server the same segment of the trace on fresh URLs. "
-        "CPU: user+system seconds of the server's whole process tree (imgsvc's embedded Postgres and "
-        "thumbor's forks included) per completed request. Peak RSS: the tree's, sampled every 0.2 s.",
+        "CPU: user+system seconds of the server's whole process tree (thumbor's forks included; imgsvc's "
+        "embedded Postgres runs detached and is not counted) per completed request, requests still in "
+        "flight when wrk stops included (an over-estimate of up to a few renders per run). Peak RSS: the "
+        "tree's, sampled every 0.2 s.",
         "",
     ]
     for trace in traces:
