@@ -40,6 +40,7 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python nginx_validity.py
 	cd benchmarks && ../$(BIN)/python hardening.py
 	cd benchmarks && ../$(BIN)/python stages.py
+	cd benchmarks && ../$(BIN)/python -m traces
 	cd benchmarks && ../$(BIN)/python compare.py
 
 clean:
