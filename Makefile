@@ -40,6 +40,11 @@ bench: $(VENV)/.test-deps
 	cd benchmarks && ../$(BIN)/python nginx_validity.py
 	cd benchmarks && ../$(BIN)/python hardening.py
 	cd benchmarks && ../$(BIN)/python stages.py
+	cd benchmarks && ../$(BIN)/python -m traces
+	cd benchmarks && ../$(BIN)/python floor.py
+	cd benchmarks && ../$(BIN)/python memory.py
+	cd benchmarks && ../$(BIN)/python pyramid.py
+	cd benchmarks && ../$(BIN)/python hits_ab.py
 	cd benchmarks && ../$(BIN)/python compare.py
 
 clean:

@@ -79,12 +79,12 @@ def check(renderers: list[servers.Server], hits: list[servers.Server], workloads
             data = pyvips.Image.thumbnail_buffer(wl.source.read_bytes(), wl.width).write_to_buffer(
                 SUFFIX[wl.fmt], Q=wl.quality
             )
-            found["outputs"][wl.key]["reference"] = (len(data), measure.ssim(data, wl), "")
+            found["outputs"][wl.key]["reference"] = (len(data), measure.ssim(data, wl.source), "")
             for server in renderers:
                 response = http.get(server.url + wl.path(server.template(wl)))
                 problem = f"HTTP {response.status_code}" if response.status_code != 200 else ""
                 problem = problem or measure.check_output(response.content, wl)
-                score = measure.ssim(response.content, wl) if not problem else float("nan")
+                score = measure.ssim(response.content, wl.source) if not problem else float("nan")
                 found["outputs"][wl.key][server.name] = (len(response.content), score, problem)
         for server in hits:
             response = http.get(server.url + server.hit_path)

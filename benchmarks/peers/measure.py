@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import pyvips
@@ -214,9 +215,9 @@ def _luma_on_white(image: pyvips.Image) -> pyvips.Image:
     return (image[0] * 0.299 + image[1] * 0.587 + image[2] * 0.114).cast("float")
 
 
-def ssim(data: bytes, wl: Workload) -> float:
+def ssim(data: bytes, path: Path) -> float:
     out = pyvips.Image.new_from_buffer(data, "")
-    source = pyvips.Image.new_from_file(str(wl.source))
+    source = pyvips.Image.new_from_file(str(path))
     if source.hasalpha():
         source = source.flatten(background=[255] * (source.bands - 1))
     truth = source.resize(out.width / source.width, vscale=out.height / source.height, kernel="lanczos3")

@@ -48,6 +48,7 @@ class Server:
     note: str = ""  # shown after the command
     log: Path | None = None  # its output
     proc: subprocess.Popen | None = None  # the root process, for its exit status
+    ids: dict[str, str] = field(default_factory=dict)  # imgsvc: uploaded file name -> image id
 
     def alive(self) -> bool:
         try:
@@ -59,6 +60,11 @@ class Server:
         return self.templates[wl.key]
 
 
+def _shown(root: Path) -> str:
+    """`root` as the results show it: relative to the repository."""
+    return str(root.relative_to(REPO)) if root.is_relative_to(REPO) else root.name
+
+
 def upload(url: str, path: Path) -> str:
     kind = "png" if path.suffix == ".png" else "jpeg"
     response = httpx.post(
@@ -68,7 +74,8 @@ def upload(url: str, path: Path) -> str:
     return str(response.json()["id"])
 
 
-def start_imgsvc(tmp: Path, name: str, **env: str) -> Server:
+def start_imgsvc(tmp: Path, name: str, sources: list[Path] | None = None, **env: str) -> Server:
+    """imgsvc with `env` over the benchmark settings, `sources` uploaded (default: the workloads' files)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = {
@@ -82,8 +89,14 @@ def start_imgsvc(tmp: Path, name: str, **env: str) -> Server:
     }
     command = [sys.executable, "-m", "imgsvc", "serve"]
     proc, startup = launch(command, settings, f"{url}/readyz", LOGS / f"{name}.log")
-    ids = {wl.file: upload(url, wl.source) for wl in WORKLOADS}
-    templates = {wl.key: f"/img/{ids[wl.file]}?w={{w}}&h={{h}}&fmt={{fmt}}&q={{q}}" for wl in WORKLOADS}
+    try:
+        ids = {path.name: upload(url, path) for path in sources or [wl.source for wl in WORKLOADS]}
+    except BaseException:
+        kill(proc)
+        raise
+    templates = {
+        wl.key: f"/img/{ids[wl.file]}?w={{w}}&h={{h}}&fmt={{fmt}}&q={{q}}" for wl in WORKLOADS if wl.file in ids
+    }
     shown = " ".join(f"{k}={v}" for k, v in settings.items() if k not in ("IMGSVC_DATA_DIR", "IMGSVC_PORT"))
     return Server(
         name,
@@ -96,15 +109,16 @@ def start_imgsvc(tmp: Path, name: str, **env: str) -> Server:
         metrics=True,
         log=LOGS / f"{name}.log",
         proc=proc,
+        ids=ids,
     )
 
 
-def start_thumbor(tmp: Path) -> Server:
+def start_thumbor(tmp: Path, root: Path = IMAGES) -> Server:
     port = free_port()
     conf = tmp / "thumbor.conf"
     conf.write_text(
         "LOADER = 'thumbor.loaders.file_loader'\n"
-        f"FILE_LOADER_ROOT_PATH = '{IMAGES}'\n"
+        f"FILE_LOADER_ROOT_PATH = '{root}'\n"
         "STORAGE = 'thumbor.storages.no_storage'\n"  # no copy of originals
         "RESULT_STORAGE = 'thumbor.result_storages.no_storage'\n"  # no result cache: every request renders
     )
@@ -113,7 +127,7 @@ def start_thumbor(tmp: Path) -> Server:
     proc, startup = launch(command, {}, f"{url}/healthcheck", LOGS / "thumbor.log")
     template = "/unsafe/{w}x0/filters:format({fmt}):quality({q})/{file}?v={b}"
     shown = f"thumbor -i 127.0.0.1 -p PORT -l warning -c thumbor.conf --processes {CORES}"
-    settings = conf.read_text().replace(str(IMAGES), "tests/images").strip().replace("\n", "; ")
+    settings = conf.read_text().replace(str(root), _shown(root)).strip().replace("\n", "; ")
     return Server(
         "thumbor",
         url,
@@ -128,14 +142,14 @@ def start_thumbor(tmp: Path) -> Server:
     )
 
 
-def start_ipx(tmp: Path) -> Server:
+def start_ipx(tmp: Path, root: Path = IMAGES) -> Server:
     port = free_port()
     # what `npx ipx serve` execs, without npm's own launcher process in the measured tree
-    command = [str(IPX_BIN), "serve", "--dir", str(IMAGES), "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(IPX_BIN), "serve", "--dir", str(root), "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     proc, startup = launch(command, {}, f"{url}/", LOGS / "ipx.log", cwd=IPX_BIN.parents[2])  # `/`: a 400
     template = "/w_{w},f_{fmt},q_{q},v_{b}/{file}"
-    shown = "benchmarks/.peers/ipx/node_modules/.bin/ipx serve --dir tests/images --host 127.0.0.1 --port PORT"
+    shown = f"benchmarks/.peers/ipx/node_modules/.bin/ipx serve --dir {_shown(root)} --host 127.0.0.1 --port PORT"
     note = "what `npx ipx serve` runs, without npm's launcher process in the measured tree"
     templates = {wl.key: template for wl in WORKLOADS}
     return Server(

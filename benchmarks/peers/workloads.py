@@ -16,6 +16,14 @@ from pathlib import Path
 
 from harness import IMAGES
 
+# numbers each wrk thread (`tid`), so that threads can take alternate requests
+LUA_THREAD_IDS = """local counter = 0
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+"""
 SPREAD = 7  # widths target-SPREAD..target+SPREAD
 BUSTS = 2000  # distinct cache-busting values before they repeat
 
@@ -53,13 +61,9 @@ class Workload:
             r"\{(w|b|h)\}", template.format(w="{w}", b="{b}", h="{h}", fmt=self.fmt, q=self.quality, file=self.file)
         )
         concat = " .. ".join(part if i % 2 else json.dumps(part) for i, part in enumerate(parts) if part)
-        return f"""local counter = 0
-local threads = 0
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
-function request()
+        return (
+            LUA_THREAD_IDS
+            + f"""function request()
   counter = counter + 1
   local w = {self.width - SPREAD} + counter % {2 * SPREAD + 1}
   local b = (counter * 2 + tid) % {BUSTS}
@@ -67,6 +71,7 @@ function request()
   return wrk.format("GET", {concat})
 end
 """
+        )
 
 
 WORKLOADS = [
