@@ -6,6 +6,8 @@ import pyvips
 
 
 def _luma(image: pyvips.Image) -> pyvips.Image:
+    if image.interpretation in ("rgb16", "grey16"):  # a 10-bit AVIF decodes to 16 bits
+        image = image.colourspace("srgb" if image.interpretation == "rgb16" else "b-w")
     if image.hasalpha():
         image = image.flatten(background=[255] * (image.bands - 1))
     if image.bands >= 3:
