@@ -19,6 +19,7 @@ from imgsvc.cache import SharedByteLRU
 from imgsvc.deadline import Deadline
 from imgsvc.encoding import Effort, Pixels, choose, encode as encode_with
 from imgsvc.errors import ImageTooLarge, RenderTimeout, TooManyFrames, UndecodableImage, UnsupportedFormat
+from imgsvc.finishing import finish_frame, match_background, parse_rgb, per_frame, to_8bit
 from imgsvc.sniffing import EXPECTED_LOADER, sniff_format
 from imgsvc.spec import DEFAULT_QUALITY, OutputFormat, SourceFormat, TransformSpec
 from imgsvc.vips_hardening import configure_libvips
@@ -229,7 +230,7 @@ def _render(
     width, height = plan_size or (source.width, source.height)
     plan = geometry.plan(width, height, spec, animate, max_dimension(fmt, limits))
     quality = spec.quality if spec.quality is not None else DEFAULT_QUALITY[fmt]
-    rgb = _parse_rgb(spec.background)
+    rgb = parse_rgb(spec.background)
     # Only images with an embedded profile pay for the ICC transform; untagged is assumed sRGB and CMYK is
     # always converted to sRGB by thumbnail itself.
     profile = {"output_profile": "srgb"} if header.has_icc else {}
@@ -252,9 +253,9 @@ def _render(
             )
         image = to_8bit(deadline.watch(image))
         frames = source.frames if animate else 1
-        image = _per_frame(image, frames, lambda frame: _finish_frame(frame, plan, spec, rgb, deadline))
+        image = per_frame(image, frames, lambda frame: finish_frame(frame, plan, spec, rgb, deadline))
         if fmt == "jpeg" and image.hasalpha():
-            image, colour = _match_background(image, rgb)
+            image, colour = match_background(image, rgb)
             image = image.flatten(background=colour)
         # The finished pixels are computed first, under the deadline: libheif's and the GIF quantiser's
         # own passes cannot be interrupted, so a long encode that is already late is not started. It
@@ -389,65 +390,6 @@ def _render_error(deadline: Deadline, detail: str, exc: pyvips.Error) -> Undecod
 
 def max_dimension(fmt: OutputFormat, limits: PipelineLimits) -> int:
     return min(limits.max_output_dim, _WEBP_MAX_DIMENSION) if fmt == "webp" else limits.max_output_dim
-
-
-def to_8bit(image: pyvips.Image) -> pyvips.Image:
-    """8-bit sRGB, or 8-bit grey (which browsers decode fine in JPEG and PNG); thumbnail does most of it."""
-    if image.interpretation not in ("srgb", "b-w"):
-        image = image.colourspace("b-w" if image.interpretation == "grey16" else "srgb")
-    return image if image.format == "uchar" else image.cast("uchar")
-
-
-def _per_frame(image: pyvips.Image, frames: int, op: Callable[[pyvips.Image], pyvips.Image]) -> pyvips.Image:
-    """Apply `op` to each frame of an animation strip (or to the single image) and rebuild the strip."""
-    if frames == 1:
-        return op(image)
-    page = image.height // frames
-    parts = [op(image.crop(0, i * page, image.width, page)) for i in range(frames)]
-    strip = pyvips.Image.arrayjoin(parts, across=1).copy()  # delay and loop come along from the first frame
-    strip.set_type(pyvips.GValue.gint_type, "page-height", parts[0].height)
-    return strip
-
-
-def _finish_frame(
-    image: pyvips.Image, plan: geometry.Plan, spec: TransformSpec, rgb: tuple[int, int, int], deadline: Deadline
-) -> pyvips.Image:
-    box_w, box_h = plan.box
-    if plan.crop in ("attention", "entropy"):
-        # smartcrop needs random access: materialise the (already resized) image, still under the deadline,
-        # and watch the memory copy too, since a new image does not inherit the progress signal.
-        image = deadline.watch(image.copy_memory()).smartcrop(box_w, box_h, interesting=plan.crop)
-    elif plan.crop == "gravity":
-        x, y = geometry.position(spec.gravity, image.width - box_w, image.height - box_h)
-        image = image.crop(x, y, box_w, box_h)
-    if spec.blur is not None:
-        image = _blur(image, spec.blur)
-    if plan.pad:
-        x, y = geometry.position(spec.gravity, box_w - image.width, box_h - image.height)
-        image, colour = _match_background(image, rgb)
-        opaque = [*colour, 255] if image.hasalpha() else colour
-        image = image.embed(x, y, box_w, box_h, extend="background", background=opaque)
-    return image
-
-
-def _blur(image: pyvips.Image, sigma: float) -> pyvips.Image:
-    if not image.hasalpha():
-        return image.gaussblur(sigma)
-    # Blur premultiplied, or transparent pixels' colours bleed into the visible edge.
-    return image.premultiply().gaussblur(sigma).unpremultiply().cast("uchar")
-
-
-def _parse_rgb(background: str) -> tuple[int, int, int]:
-    return int(background[0:2], 16), int(background[2:4], 16), int(background[4:6], 16)
-
-
-def _match_background(image: pyvips.Image, rgb: tuple[int, int, int]) -> tuple[pyvips.Image, list[int]]:
-    """The background as band values for `image`; a grey image becomes sRGB unless the colour is a grey."""
-    if image.bands - int(image.hasalpha()) == 1:
-        if rgb[0] == rgb[1] == rgb[2]:
-            return image, [rgb[0]]
-        image = image.colourspace("srgb")
-    return image, list(rgb)
 
 
 def encode(image: pyvips.Image, fmt: OutputFormat, quality: int, *, palette: bool, effort: Effort = "default") -> bytes:

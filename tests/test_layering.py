@@ -29,6 +29,7 @@ LAYERS = [
         "views",
     },
     {"sniffing", "vips_hardening", "deadline", "encoding"},
+    {"finishing"},  # per-frame crop, blur, pad after the resize
     {"storage", "catalog", "idempotency", "pipeline", "client", "openapi", "derivations"},
     {"pyramid"},  # levels and placeholders: pipeline + the derivation queue's records
     {"auth", "upload", "gc", "records", "derive", "settle"},
